@@ -1,0 +1,25 @@
+"""tokenopt: token reduction for Vision Transformers as torch.fx graph rewrites.
+
+    >>> import torch, timm, tokenopt
+    >>> gm = tokenopt.optimize(timm.create_model("deit_tiny_patch16_224", depth=2), policy="none")
+    >>> gm(torch.randn(1, 3, 224, 224)).shape
+    torch.Size([1, 1000])
+
+Importing tokenopt imports neither triton nor CUDA; the Triton kernels load on first use.
+"""
+
+from tokenopt.api import optimize
+from tokenopt.capture import CaptureError, capture
+from tokenopt.explain import explain
+from tokenopt.ir import BlockInfo, ModelInfo
+from tokenopt.passes import BlockStructureError, NoAttentionError, find_blocks, get_model_info
+from tokenopt.pipeline import PassError, Pipeline, register_pass
+from tokenopt.policies import NoReduction, PolicyConfig
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "optimize", "capture", "explain", "find_blocks", "get_model_info",
+    "CaptureError", "NoAttentionError", "BlockStructureError", "PassError",
+    "BlockInfo", "ModelInfo", "Pipeline", "register_pass", "PolicyConfig", "NoReduction",
+]

@@ -1,0 +1,175 @@
+"""Model -> ATen-level ``torch.fx.GraphModule`` with shape metadata on every node.
+
+Why ``torch.export`` and not ``torch.fx.symbolic_trace``: export works on every model family tokenopt
+targets (timm, Hugging Face transformers 5.x, einops-based and hand-written ViTs), while
+symbolic_trace fails on transformers 5.x and on einops. Export also lowers every model to one op
+vocabulary (``aten.linear``, ``aten.layer_norm``, ``aten.scaled_dot_product_attention``,
+``aten.softmax``, ...), so block patterns are written once instead of once per module library, and it
+records a FakeTensor (``node.meta["val"]``) with a symbolic batch size on each node.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.fx as fx
+from torch.fx.passes.shape_prop import ShapeProp
+
+__all__ = ["CaptureError", "capture", "default_example_inputs"]
+
+
+class CaptureError(RuntimeError):
+    """The model could not be turned into a graph; the message names the module and what to try."""
+
+
+def default_example_inputs(model: torch.nn.Module, batch: int = 2) -> tuple[torch.Tensor, ...]:
+    """A random image batch of the size the model was configured for.
+
+    Reads the input size from the model's own configuration (timm's ``pretrained_cfg["input_size"]``
+    or a Hugging Face ``config.image_size`` / ``config.num_channels``). Batch 2 by default so that
+    export keeps the batch dimension symbolic (it specialises sizes 0 and 1).
+
+    Raises:
+        CaptureError: when the model states no input size; pass ``example_inputs`` then.
+    """
+    param = next(iter(model.parameters()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    if isinstance(cfg, dict) and "input_size" in cfg:
+        c, h, w = cfg["input_size"]
+        # timm models built with a non-default img_size keep the default in pretrained_cfg.
+        patch_embed = getattr(model, "patch_embed", None)
+        img_size = getattr(patch_embed, "img_size", None)
+        if isinstance(img_size, (tuple, list)) and len(img_size) == 2:
+            h, w = img_size
+        return (torch.randn(batch, c, h, w, device=device, dtype=dtype),)
+    hf_cfg = getattr(model, "config", None)
+    if hf_cfg is not None and hasattr(hf_cfg, "image_size"):
+        size = hf_cfg.image_size
+        h, w = (size, size) if isinstance(size, int) else size
+        c = getattr(hf_cfg, "num_channels", 3)
+        return (torch.randn(batch, c, h, w, device=device, dtype=dtype),)
+    raise CaptureError(
+        f"{type(model).__name__} does not say which input size it takes; pass example_inputs, "
+        f"e.g. tokenopt.capture(model, example_inputs=(torch.randn(2, 3, 224, 224),))"
+    )
+
+
+class _ModuleTracker:
+    """Keeps the stack of modules running during export, to name the one where capture failed."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.stack: list[str] = []
+        self.deepest: list[str] = []
+        self._handles = []
+        for name, mod in model.named_modules():
+            self._handles.append(mod.register_forward_pre_hook(self._enter(name or "<root>", mod)))
+            self._handles.append(mod.register_forward_hook(self._leave()))
+
+    def _enter(self, name: str, mod: torch.nn.Module):
+        label = f"{name} ({type(mod).__name__})"
+
+        def hook(*_):
+            self.stack.append(label)
+            self.deepest = list(self.stack)
+
+        return hook
+
+    def _leave(self):
+        def hook(*_):
+            if self.stack:
+                self.stack.pop()
+
+        return hook
+
+    def remove(self):
+        for h in self._handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module):
+    """Export in eval mode (dropout off, drop-path off) and give the model back as it came."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, was_training in modes.items():
+            m.train(was_training)
+
+
+def capture(
+    model: torch.nn.Module,
+    example_inputs: Optional[Sequence[Any]] = None,
+    *,
+    dynamic_batch: bool = True,
+) -> fx.GraphModule:
+    """Capture ``model`` as an ATen-level ``torch.fx.GraphModule``.
+
+    The model is exported in eval mode (its own train/eval flags are restored afterwards) with the
+    batch dimension of every tensor input left symbolic, so the graph runs at any batch size.
+
+    Args:
+        model: the vision transformer (any ``nn.Module`` that ``torch.export`` accepts).
+        example_inputs: positional inputs for one call; a random image batch of the model's
+            configured size when omitted (see :func:`default_example_inputs`).
+        dynamic_batch: keep the batch dimension symbolic.
+
+    Returns:
+        A GraphModule taking the same inputs and returning the same output structure as ``model``.
+        Every node carries ``meta["val"]`` (from export, symbolic batch) and ``meta["tensor_meta"]``
+        (concrete shape and dtype on ``example_inputs``); ``gm.meta["tokenopt.example_inputs"]`` keeps
+        the inputs.
+
+    Raises:
+        CaptureError: naming the module that was running when export failed and what to try.
+
+    Example:
+        >>> import timm, tokenopt
+        >>> gm = tokenopt.capture(timm.create_model("deit_tiny_patch16_224", depth=2))
+        >>> [n.meta["tensor_meta"].shape for n in gm.graph.nodes if n.op == "placeholder"]
+        [torch.Size([2, 3, 224, 224])]
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise CaptureError(f"tokenopt.capture takes an nn.Module, got {type(model).__name__}")
+    if isinstance(model, fx.GraphModule) and "tokenopt.example_inputs" in model.meta:
+        raise CaptureError("this GraphModule was already produced by tokenopt; optimize the original model")
+    if example_inputs is None:
+        example_inputs = default_example_inputs(model)
+    example_inputs = tuple(example_inputs)
+    dynamic_shapes = None
+    if dynamic_batch:
+        dynamic_shapes = tuple(
+            {0: torch.export.Dim.AUTO} if isinstance(x, torch.Tensor) and x.dim() > 0 else None
+            for x in example_inputs
+        )
+
+    tracker = _ModuleTracker(model)
+    try:
+        with _eval_mode(model), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            exported = torch.export.export(model, example_inputs, dynamic_shapes=dynamic_shapes)
+    except Exception as exc:  # export raises many types; all become one clear error
+        where = tracker.deepest[-1] if tracker.deepest else type(model).__name__
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CaptureError(
+            f"torch.export could not capture {type(model).__name__}: it failed inside module {where}: "
+            f"{type(exc).__name__}: {first_line}\n"
+            "What to try: remove data-dependent Python control flow from that module's forward "
+            "(branches on tensor values, .item(), .tolist()), or pass example_inputs that match "
+            "what the model expects."
+        ) from exc
+    finally:
+        tracker.remove()
+
+    gm = exported.module()
+    with torch.no_grad():
+        ShapeProp(gm).propagate(*example_inputs)
+    gm.meta["tokenopt.example_inputs"] = example_inputs
+    gm.meta["tokenopt.source"] = type(model).__name__
+    return gm

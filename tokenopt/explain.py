@@ -1,0 +1,147 @@
+"""Inspection: what tokenopt found in a model and what it changed, as rich tables and graph listings."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Optional
+
+import torch.fx as fx
+from rich.columns import Columns
+from rich.console import Console, Group
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from tokenopt.flops import node_flops
+from tokenopt.ir import META_BLOCK, META_PROVENANCE, MODEL_INFO, ModelInfo
+
+__all__ = ["block_stats", "explain", "block_listing"]
+
+
+def _tokens(node: fx.Node) -> Optional[int]:
+    tm = node.meta.get("tensor_meta")
+    return int(tm.shape[1]) if tm is not None and len(tm.shape) >= 2 else None
+
+
+def block_stats(gm: fx.GraphModule) -> list[dict]:
+    """Per-block rows: tokens in and out, FLOPs and inserted nodes counted by pass.
+
+    Token counts and FLOPs are read from the shapes of the last ShapeProp run (the example inputs for
+    a model from :func:`tokenopt.optimize`); the row ``"rest"`` holds everything outside the blocks.
+    """
+    info: ModelInfo = gm.meta[MODEL_INFO]
+    flops: Counter = Counter()
+    inserted: dict[int, Counter] = {}
+    for node in gm.graph.nodes:
+        blk = node.meta.get(META_BLOCK, -1)
+        flops[blk] += node_flops(node)
+        prov = node.meta.get(META_PROVENANCE)
+        if prov:
+            inserted.setdefault(blk, Counter())[prov.get("pass", "?")] += 1
+    rows = []
+    for b in info.blocks:
+        rows.append({
+            "block": b.index,
+            "module": b.module_path,
+            "tokens_in": _tokens(b.x_in),
+            "tokens_out": _tokens(b.x_out),
+            "heads": b.attention.num_heads,
+            "flops": flops[b.index],
+            "inserted": dict(inserted.get(b.index, {})),
+        })
+    rows.append({"block": "rest", "module": "", "tokens_in": None, "tokens_out": None, "heads": None,
+                 "flops": flops[-1], "inserted": dict(inserted.get(-1, {}))})
+    return rows
+
+
+def _short(a) -> str:
+    if isinstance(a, fx.Node):
+        return a.name
+    if isinstance(a, (list, tuple)):
+        return "[" + ", ".join(_short(x) for x in a) + "]"
+    return repr(a)
+
+
+def format_node(node: fx.Node) -> str:
+    """``name = op(args) -> shape``: one line a person can scan."""
+    target = getattr(node.target, "__name__", str(node.target))
+    if hasattr(node.target, "_schema"):
+        target = str(node.target).replace(".default", "")
+    args = ", ".join([_short(a) for a in node.args] + [f"{k}={_short(v)}" for k, v in node.kwargs.items()])
+    tm = node.meta.get("tensor_meta")
+    shape = f"  # {list(tm.shape)}" if tm is not None and hasattr(tm, "shape") else ""
+    return f"{node.name} = {target}({args}){shape}"
+
+
+def block_listing(gm: fx.GraphModule, index: int) -> str:
+    """The nodes of block ``index``, one per line; nodes inserted by a pass are marked ``+``."""
+    lines = []
+    for node in gm.graph.nodes:
+        if node.meta.get(META_BLOCK) == index and node.op == "call_function":
+            mark = "+" if node.meta.get(META_PROVENANCE) else " "
+            lines.append(f"{mark} {format_node(node)}")
+    return "\n".join(lines)
+
+
+def explain(gm: fx.GraphModule, block: Optional[int] = None, *, console: Optional[Console] = None) -> str:
+    """Print a per-block report of ``gm`` and return it as plain text.
+
+    Args:
+        gm: a GraphModule from :func:`tokenopt.optimize` (or one :func:`find_blocks` has analysed).
+        block: also show this block's graph before (as captured) and after the passes, side by side.
+        console: where to print; a new rich console on stdout when omitted.
+
+    Example:
+        >>> import io, timm, tokenopt
+        >>> from rich.console import Console
+        >>> gm = tokenopt.optimize(timm.create_model("deit_tiny_patch16_224", depth=2), policy="none")
+        >>> text = tokenopt.explain(gm, block=0, console=Console(file=io.StringIO(), width=200))
+        >>> "block 0 as captured" in text
+        True
+    """
+    if MODEL_INFO not in gm.meta:
+        from tokenopt.passes import find_blocks
+
+        find_blocks(gm)
+    info: ModelInfo = gm.meta[MODEL_INFO]
+    rows = block_stats(gm)
+    base = gm.meta.get("tokenopt.baseline_flops")
+    total = sum(r["flops"] for r in rows)
+    policy = gm.meta.get("tokenopt.policy")
+
+    table = Table(title=f"tokenopt: {gm.meta.get('tokenopt.source', 'model')}  policy={policy!r}")
+    for col, just in [("block", "right"), ("module", "left"), ("tokens in", "right"), ("tokens out", "right"),
+                      ("heads", "right"), ("GFLOPs", "right"), ("inserted nodes (by pass)", "left")]:
+        table.add_column(col, justify=just)
+    for r in rows:
+        table.add_row(
+            str(r["block"]), r["module"],
+            "" if r["tokens_in"] is None else str(r["tokens_in"]),
+            "" if r["tokens_out"] is None else str(r["tokens_out"]),
+            "" if r["heads"] is None else str(r["heads"]),
+            f"{r['flops'] / 1e9:.3f}",
+            ", ".join(f"{k}: {v}" for k, v in sorted(r["inserted"].items())),
+        )
+    batch = next((n.meta["tensor_meta"].shape[0] for n in gm.graph.nodes
+                  if n.op == "placeholder" and "tensor_meta" in n.meta), None)
+    summary = Text(
+        f"{len(info.blocks)} blocks, {info.num_prefix_tokens} prefix + {info.num_patch_tokens} patch tokens, "
+        f"head reads {', '.join(r.kind + ('' if r.index is None else f'[{r.index}]') for r in info.head_readers)}; "
+        f"total {total / 1e9:.3f} GFLOPs at batch {batch}"
+        + (f" ({total / base:.2f}x of the unmodified model)" if base else "")
+    )
+    parts = [table, summary]
+    if block is not None:
+        if not 0 <= block < len(info.blocks):
+            raise IndexError(f"block {block} does not exist; the model has blocks 0..{len(info.blocks) - 1}")
+        before = gm.meta.get("tokenopt.captured_blocks", {}).get(block, "(not recorded)")
+        parts.append(Columns([
+            Panel(Text(before), title=f"block {block} as captured"),
+            Panel(Text(block_listing(gm, block)), title=f"block {block} after passes (+ inserted)"),
+        ]))
+    console = console or Console()
+    with console.capture() as cap:
+        console.print(Group(*parts))
+    text = cap.get()
+    console.print(Group(*parts))
+    return text

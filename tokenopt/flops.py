@@ -1,0 +1,46 @@
+"""FLOP estimates from the concrete shapes ShapeProp recorded (``node.meta["tensor_meta"]``).
+
+Counts the ops that dominate a ViT (linear, attention, matmul, convolution) at 2 FLOPs per
+multiply-add; elementwise ops are left out, as is usual in the token-reduction papers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+aten = torch.ops.aten
+
+__all__ = ["node_flops"]
+
+
+def _shape(node) -> Optional[tuple[int, ...]]:
+    tm = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return tuple(tm.shape) if tm is not None and hasattr(tm, "shape") else None
+
+
+def node_flops(node: fx.Node) -> int:
+    """FLOPs of one node on the shapes of the last ShapeProp run (0 for ops not counted)."""
+    if node.op != "call_function":
+        return 0
+    out = _shape(node)
+    t = node.target
+    if t == aten.linear.default and out is not None:
+        w = _shape(node.args[1])
+        return 2 * math.prod(out) * w[1] if w else 0
+    if t == aten.scaled_dot_product_attention.default:
+        q, k = _shape(node.args[0]), _shape(node.args[1])
+        if q is None or k is None:
+            return 0
+        # q k^T and attn @ v: 2 * (2 * B*H*Nq*Nk*D)
+        return 4 * math.prod(q[:-1]) * k[-2] * q[-1]
+    if t in (aten.matmul.default, aten.bmm.default) and out is not None:
+        a = _shape(node.args[0])
+        return 2 * math.prod(out) * a[-1] if a else 0
+    if t == aten.conv2d.default and out is not None:
+        w = _shape(node.args[1])
+        return 2 * math.prod(out) * math.prod(w[1:]) if w else 0
+    return 0

@@ -1,0 +1,194 @@
+"""The facts passes share: typed block descriptions and the ``node.meta`` keys that carry them.
+
+tokenopt's IR is the ATen-level ``torch.fx`` graph that :func:`torch.export.export` produces (see
+``docs/ARCHITECTURE.md`` for why). Analysis passes write what they find into ``node.meta`` under the
+keys below and into ``gm.meta[MODEL_INFO]``; rewrite passes read them and stamp provenance on every
+node they create.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+
+__all__ = [
+    "META_BLOCK",
+    "META_ROLE",
+    "META_PROVENANCE",
+    "MODEL_INFO",
+    "AttentionInfo",
+    "MLPInfo",
+    "BlockInfo",
+    "HeadReader",
+    "ModelInfo",
+    "node_shape",
+    "stamp",
+]
+
+# node.meta keys written by tokenopt.
+META_BLOCK = "tokenopt.block"  # int: index of the transformer block the node belongs to
+META_ROLE = "tokenopt.role"  # str: what the node is within its block ("attn.q", "mlp.fc1", ...)
+META_PROVENANCE = "tokenopt.provenance"  # dict: {"pass", "policy", "block"} for inserted nodes
+# gm.meta key holding the ModelInfo written by find_blocks.
+MODEL_INFO = "tokenopt.model_info"
+
+
+@dataclass
+class AttentionInfo:
+    """One attention core: ``softmax(q k^T * scale + mask) v`` on ``[batch, heads, tokens, head_dim]``.
+
+    Attributes:
+        kind: ``"sdpa"`` (an ``aten.scaled_dot_product_attention`` node) or ``"manual"`` (a
+            matmul -> softmax -> matmul chain).
+        core: the SDPA node, or the second matmul of the manual chain (its output is the attention
+            result either way).
+        q, k, v: nodes producing the query, key and value tensors as attention consumes them (after
+            any qk-norm), ``[B, H, N, D]``.
+        num_heads, head_dim: read from the shape of ``q``.
+        scale: softmax temperature applied to ``q k^T``.
+        softmax: the softmax node of a manual chain (``None`` for SDPA).
+        attn_mask: node of an additive or boolean mask the model passes itself, if any.
+        proj: the output projection (first ``linear`` after the core), if any.
+    """
+
+    kind: str
+    core: fx.Node
+    q: fx.Node
+    k: fx.Node
+    v: fx.Node
+    num_heads: int
+    head_dim: int
+    scale: float
+    softmax: Optional[fx.Node] = None
+    attn_mask: Optional[fx.Node] = None
+    proj: Optional[fx.Node] = None
+    qkv_linears: list[fx.Node] = field(default_factory=list)
+    matmul_qk: Optional[fx.Node] = None
+
+
+@dataclass
+class MLPInfo:
+    """The feed-forward branch of a block: its linears in order and the activations between them."""
+
+    linears: list[fx.Node]
+    activations: list[fx.Node]
+
+
+@dataclass
+class BlockInfo:
+    """One pre-norm transformer block ``x_mid = x_in + attn(...)``; ``x_out = x_mid + mlp(...)``.
+
+    Attributes:
+        index: position of the block in the residual stream, from 0.
+        x_in, x_mid, x_out: residual-stream nodes ``[B, N, C]`` entering the block, after the attention
+            residual add, and after the MLP residual add.
+        attn_add, mlp_add: the two residual ``add`` nodes (``x_mid`` is ``attn_add``).
+        attn_branch, mlp_branch: the operand of each residual add that is not the skip connection.
+        norm1, norm2: the first normalisation on each branch, if the model has one as a single op.
+        layer_scale1, layer_scale2: the ``mul`` by a learned per-channel vector just before each
+            residual add (LayerScale), if present.
+        tokens: token count at capture time; ``channels``: width of the residual stream.
+        module_path: the ``nn.Module`` path recorded by export for the block (for messages only; it
+            is never used to find anything).
+    """
+
+    index: int
+    x_in: fx.Node
+    x_mid: fx.Node
+    x_out: fx.Node
+    attn_add: fx.Node
+    mlp_add: fx.Node
+    attn_branch: fx.Node
+    mlp_branch: fx.Node
+    attention: AttentionInfo
+    mlp: MLPInfo
+    norm1: Optional[fx.Node]
+    norm2: Optional[fx.Node]
+    layer_scale1: Optional[fx.Node]
+    layer_scale2: Optional[fx.Node]
+    tokens: int
+    channels: int
+    module_path: str = ""
+    nodes: list[fx.Node] = field(default_factory=list, repr=False)
+
+
+@dataclass
+class HeadReader:
+    """How the model's head reads the token sequence after the last block.
+
+    ``kind`` is ``"token"`` (one token, ``index``), ``"mean"`` (mean over ``start:end``), ``"tokens"``
+    (the whole sequence is returned or used as is) or ``"other"``.
+    """
+
+    kind: str
+    node: fx.Node
+    index: Optional[int] = None
+    start: int = 0
+    end: Optional[int] = None
+
+
+@dataclass
+class ModelInfo:
+    """Model-level facts found by ``find_blocks``.
+
+    Attributes:
+        blocks: the transformer blocks in residual-stream order.
+        token_axis: axis of the token dimension in the residual stream (``1`` for ``[B, N, C]``).
+        num_prefix_tokens: tokens before the patch tokens (CLS, distillation, registers), read from
+            the concatenation that builds the sequence.
+        num_patch_tokens: tokens that come from the image.
+        head_readers: how the head reads the tokens after the last block.
+        image_input: the placeholder holding the image batch.
+    """
+
+    blocks: list[BlockInfo]
+    token_axis: int
+    num_prefix_tokens: int
+    num_patch_tokens: int
+    head_readers: list[HeadReader]
+    image_input: fx.Node
+    prefix_cat: Optional[fx.Node] = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prefix_tokens + self.num_patch_tokens
+
+    def summary(self) -> dict[str, Any]:
+        """Plain-data view (ints and strings), for printing, JSON and tests."""
+        return {
+            "blocks": len(self.blocks),
+            "prefix_tokens": self.num_prefix_tokens,
+            "patch_tokens": self.num_patch_tokens,
+            "token_axis": self.token_axis,
+            "heads": [b.attention.num_heads for b in self.blocks],
+            "attention": sorted({b.attention.kind for b in self.blocks}),
+            "layer_scale": any(b.layer_scale1 is not None for b in self.blocks),
+            "head_readers": [
+                dataclasses.replace(r, node=None).__dict__ | {"node": r.node.name} for r in self.head_readers
+            ],
+        }
+
+
+def node_shape(node: Any) -> Optional[tuple]:
+    """Shape of a node's value as recorded at capture time (symbolic sizes stay symbolic)."""
+    if not isinstance(node, fx.Node):
+        return None
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return tuple(val.shape)
+    tm = node.meta.get("tensor_meta")
+    if tm is not None and hasattr(tm, "shape"):
+        return tuple(tm.shape)
+    return None
+
+
+def stamp(node: fx.Node, **provenance: Any) -> fx.Node:
+    """Merge ``provenance`` into ``node.meta[META_PROVENANCE]`` and return the node."""
+    node.meta.setdefault(META_PROVENANCE, {}).update(provenance)
+    if "block" in provenance and provenance["block"] is not None:
+        node.meta.setdefault(META_BLOCK, provenance["block"])
+    return node

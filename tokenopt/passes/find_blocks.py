@@ -1,0 +1,392 @@
+"""Analysis pass: find the transformer blocks of a captured ViT by graph pattern.
+
+A block is recognised by what it computes, never by what its modules are called:
+
+1. An *attention core* is an ``aten.scaled_dot_product_attention`` node, or a chain
+   ``matmul(q, k^T) [* scale] -> softmax(-1) [-> dropout] -> matmul(., v)``.
+2. A *residual add* is ``add(a, b)`` where one operand is an ancestor of the other (``a`` is the skip
+   connection, ``b`` the branch) and both have the residual stream's ``[B, N, C]`` shape.
+3. The attention residual of a core is the first residual add whose branch depends on the core while
+   its skip does not; the MLP residual is the next residual add whose branch holds linears and no
+   attention core. ``x_in -> attn_add -> mlp_add`` is one block.
+
+The data-flow graph used for ancestry is a ``networkx.DiGraph`` over the nodes that depend on the
+image input (weights are left out, so they do not create spurious paths).
+
+Writes:
+    ``gm.meta[MODEL_INFO]``: :class:`~tokenopt.ir.ModelInfo`;
+    ``node.meta[META_BLOCK]`` and ``node.meta[META_ROLE]`` on every node inside a block.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import networkx as nx
+import torch
+import torch.fx as fx
+from torch.fx.passes.infra.pass_base import PassResult
+
+from tokenopt.ir import (
+    META_BLOCK,
+    META_ROLE,
+    MODEL_INFO,
+    AttentionInfo,
+    BlockInfo,
+    HeadReader,
+    MLPInfo,
+    ModelInfo,
+)
+from tokenopt.passes import patterns as P
+
+__all__ = ["NoAttentionError", "BlockStructureError", "find_blocks", "get_model_info"]
+
+
+class NoAttentionError(ValueError):
+    """The graph holds no attention block tokenopt can rewrite."""
+
+
+class BlockStructureError(ValueError):
+    """Attention was found but the blocks around it do not have the residual structure expected."""
+
+
+def _dataflow(gm: fx.GraphModule, sources: list[fx.Node]) -> nx.DiGraph:
+    """Edges along which tensor *values* flow from the inputs.
+
+    Size queries (``sym_size``) carry no values: ``cls_token.expand(x.shape[0], ...)`` does not
+    depend on the image, and treating it as if it did would hide which tokens come from the image.
+    """
+    g = nx.DiGraph()
+    live = set(sources)
+    for node in gm.graph.nodes:
+        if node in live:
+            g.add_node(node)
+        if isinstance(node.meta.get("val"), torch.SymInt) or node.target == torch.ops.aten.sym_size.int:
+            continue
+        for inp in node.all_input_nodes:
+            if inp in live:
+                live.add(node)
+                g.add_edge(inp, node)
+    return g
+
+
+def _module_path(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    paths = [p for p, _cls in stack.values()] if stack else []
+    return paths[-1] if paths else ""
+
+
+class _Finder:
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder" and P.val(n) is not None]
+        if not placeholders:
+            raise NoAttentionError("the graph has no tensor input")
+        # the image is the floating-point input of rank 4 (or the first tensor input)
+        images = [n for n in placeholders if P.rank(n) == 4 and P.val(n).is_floating_point()]
+        self.image = images[0] if images else placeholders[0]
+        self.g = _dataflow(gm, placeholders)
+        self._anc: dict[fx.Node, set] = {}
+
+    def ancestors(self, node: fx.Node) -> set:
+        if node not in self._anc:
+            self._anc[node] = nx.ancestors(self.g, node) if node in self.g else set()
+        return self._anc[node]
+
+    # -- attention cores ---------------------------------------------------------------------
+    def attention_cores(self) -> list[AttentionInfo]:
+        found = []
+        for node in self.gm.graph.nodes:
+            if P.is_call(node, P.SDPA_OPS):
+                found.append(self._sdpa(node))
+            elif P.is_call(node, P.SOFTMAX_OPS):
+                info = self._manual(node)
+                if info is not None:
+                    found.append(info)
+        return found
+
+    @staticmethod
+    def _heads(q: fx.Node) -> tuple[int, int]:
+        shape = P.val(q).shape
+        heads = int(shape[1]) if len(shape) == 4 else 1
+        return heads, int(shape[-1])
+
+    def _sdpa(self, node: fx.Node) -> AttentionInfo:
+        q, k, v = node.args[:3]
+        heads, head_dim = self._heads(q)
+        scale = P.arg(node, 7, "scale")
+        if scale is None:
+            scale = 1.0 / math.sqrt(head_dim)
+        mask = P.arg(node, 3, "attn_mask")
+        return AttentionInfo("sdpa", node, q, k, v, heads, head_dim, float(scale), attn_mask=mask)
+
+    def _manual(self, softmax: fx.Node) -> Optional[AttentionInfo]:
+        if P.norm_dim(softmax.args[1], P.rank(softmax)) != P.rank(softmax) - 1:
+            return None
+        scale, mask = 1.0, None
+        up = softmax.args[0]
+        while isinstance(up, fx.Node) and not P.is_call(up, P.MATMUL_OPS):
+            scaled = P.scalar_operand(up) if P.is_call(up, P.MUL_OPS | P.DIV_OPS) else None
+            if scaled is not None:
+                up, factor = scaled
+                scale *= factor
+            elif P.is_call(up, P.ADD_OPS) and all(isinstance(a, fx.Node) for a in up.args[:2]):
+                # logits + mask: the mask is the operand that is not the logits chain
+                a, b = up.args[:2]
+                up, mask = (a, b) if P.rank(a) == P.rank(softmax) and b not in self.ancestors(a) else (b, a)
+            elif P.is_call(up, P.IDENTITY_OPS):
+                up = up.args[0]
+            else:
+                return None
+        mm1 = up
+        if not isinstance(mm1, fx.Node):
+            return None
+        q, kt = mm1.args[:2]
+        if not (isinstance(kt, fx.Node) and P.is_call(kt, P.TRANSPOSE_OPS) and P.swaps_last_two(kt)):
+            return None
+        k = kt.args[0]
+        scaled = P.scalar_operand(q) if P.is_call(q, P.MUL_OPS | P.DIV_OPS) else None
+        if scaled is not None:
+            q, factor = scaled
+            scale *= factor
+        down = softmax
+        while True:
+            users = list(down.users)
+            if len(users) != 1:
+                return None
+            user = users[0]
+            if P.is_call(user, P.IDENTITY_OPS):
+                down = user
+                continue
+            if P.is_call(user, P.MATMUL_OPS) and user.args[0] is down:
+                break
+            return None
+        mm2 = users[0]
+        v = mm2.args[1]
+        heads, head_dim = self._heads(q)
+        return AttentionInfo(
+            "manual", mm2, q, k, v, heads, head_dim, scale, softmax=softmax, attn_mask=mask, matmul_qk=mm1
+        )
+
+    # -- residual structure ------------------------------------------------------------------
+    def residual_adds(self) -> list[tuple[fx.Node, fx.Node, fx.Node]]:
+        """(add, skip, branch) for every add whose one operand feeds the other."""
+        out = []
+        for node in self.gm.graph.nodes:
+            if not P.is_call(node, P.ADD_OPS) or len(node.args) < 2:
+                continue
+            a, b = node.args[:2]
+            if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or P.rank(node) != 3:
+                continue
+            if P.val(a) is None or P.val(b) is None or P.val(a).shape != P.val(b).shape:
+                continue
+            if a in self.ancestors(b):
+                out.append((node, a, b))
+            elif b in self.ancestors(a):
+                out.append((node, b, a))
+        return out
+
+
+def _first_of(nodes, targets, order) -> Optional[fx.Node]:
+    hits = sorted((n for n in nodes if P.is_call(n, targets)), key=order.__getitem__)
+    return hits[0] if hits else None
+
+
+def _layer_scale(branch: fx.Node) -> Optional[fx.Node]:
+    """``branch = t * gamma`` with ``gamma`` a learned ``[C]`` vector: LayerScale."""
+    if not P.is_call(branch, P.MUL_OPS):
+        return None
+    a, b = branch.args[:2]
+    for cand in (a, b):
+        if P.is_param(cand) and P.rank(cand) == 1:
+            return branch
+    return None
+
+
+def _prefix_tokens(finder: _Finder, x_in: fx.Node, tokens: int) -> tuple[int, Optional[fx.Node]]:
+    """Count the tokens concatenated in front of the image tokens before the first block."""
+    cands = [
+        n for n in finder.ancestors(x_in) | {x_in}
+        if P.is_call(n, P.CAT_OPS) and P.rank(n) == 3
+        and P.norm_dim(P.arg(n, 1, "dim", 0), 3) == 1 and int(P.val(n).shape[1]) == tokens
+    ]
+    if not cands:
+        return 0, None
+    cat = max(cands, key=finder.order.__getitem__)
+
+    def count(node: fx.Node) -> int:
+        prefix = 0
+        for part in node.args[0]:
+            if part is finder.image or part in finder.ancestors(node) and finder.image in finder.ancestors(part):
+                return prefix + (count(part) if P.is_call(part, P.CAT_OPS) else 0)
+            prefix += int(P.val(part).shape[1])
+        return prefix
+
+    return count(cat), cat
+
+
+def _head_readers(finder: _Finder, x_out: fx.Node) -> list[HeadReader]:
+    readers, frontier, seen = [], [x_out], set()
+    while frontier:
+        node = frontier.pop(0)
+        for user in node.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            nd = P.rank(node)
+            if user.op == "output":
+                readers.append(HeadReader("tokens", node))
+            elif P.is_call(user, P.SELECT_OPS) and P.norm_dim(user.args[1], nd) == 1:
+                readers.append(HeadReader("token", user, index=int(user.args[2])))
+            elif P.is_call(user, P.SLICE_OPS) and P.norm_dim(user.args[1], nd) == 0:
+                frontier.append(user)  # x[:, ...] slices the batch axis whole
+            elif P.is_call(user, P.SLICE_OPS) and P.norm_dim(user.args[1], nd) == 1:
+                start = P.arg(user, 2, "start", 0) or 0
+                end = P.arg(user, 3, "end", None)
+                end = None if end is None or end >= P.INT64_MAX else end
+                means = [u for u in user.users if P.is_call(u, P.MEAN_OPS) and list(u.args[1]) in ([1], [-2])]
+                kind = "mean" if means and len(means) == len(user.users) else "other"
+                readers.append(HeadReader(kind, means[0] if kind == "mean" else user, start=start, end=end))
+            elif P.is_call(user, P.MEAN_OPS) and [P.norm_dim(d, nd) for d in user.args[1]] == [1]:
+                readers.append(HeadReader("mean", user))
+            elif P.is_call(user, P.ROWWISE_OPS) and P.rank(user) == nd:
+                frontier.append(user)
+            else:
+                readers.append(HeadReader("other", user))
+    return readers
+
+
+def find_blocks(gm: fx.GraphModule) -> PassResult:
+    """Find the transformer blocks of ``gm`` and record them (see the module docstring).
+
+    Args:
+        gm: a GraphModule from :func:`tokenopt.capture`.
+
+    Returns:
+        ``PassResult(gm, modified=False)``; the facts are in ``gm.meta[MODEL_INFO]`` and ``node.meta``.
+
+    Raises:
+        NoAttentionError: the model has no attention (a CNN or an MLP, for example).
+        BlockStructureError: attention without the pre-norm residual structure of a ViT block.
+
+    Example:
+        >>> import timm, tokenopt
+        >>> from tokenopt.passes import find_blocks, get_model_info
+        >>> gm = tokenopt.capture(timm.create_model("deit_tiny_patch16_224", depth=3))
+        >>> _ = find_blocks(gm)
+        >>> info = get_model_info(gm)
+        >>> len(info.blocks), info.num_prefix_tokens, info.num_patch_tokens
+        (3, 1, 196)
+    """
+    finder = _Finder(gm)
+    cores = finder.attention_cores()
+    name = gm.meta.get("tokenopt.source", "the model")
+    if not cores:
+        raise NoAttentionError(
+            f"no attention blocks found in {name}: none of its {len(gm.graph.nodes)} graph nodes is a "
+            "scaled_dot_product_attention or a matmul -> softmax -> matmul chain. tokenopt reduces "
+            "tokens in Vision Transformers; CNNs and MLPs have no tokens to reduce."
+        )
+    residuals = finder.residual_adds()
+    cores_set = {c.core for c in cores}
+    blocks: list[BlockInfo] = []
+    for att in cores:
+        attn_res = next(
+            (r for r in residuals
+             if att.core in finder.ancestors(r[2]) | {r[2]} and att.core not in finder.ancestors(r[1])),
+            None,
+        )
+        if attn_res is None:
+            raise BlockStructureError(
+                f"attention node {att.core.name} ({_module_path(att.core) or 'unknown module'}) in {name} "
+                "has no residual add around it (x + attn(...)); tokenopt needs pre-norm or post-norm "
+                "residual blocks"
+            )
+        attn_add, x_in, attn_branch = attn_res
+        mlp_res = None
+        for r in residuals:
+            add, skip, branch = r
+            if finder.order[add] <= finder.order[attn_add] or attn_add not in finder.ancestors(add):
+                continue
+            between = finder.ancestors(branch) | {branch}
+            if cores_set & (between - finder.ancestors(attn_add) - {attn_add}):
+                break  # reached the next block's attention: this block has no MLP
+            if any(P.is_call(n, P.LINEAR_OPS) for n in between - finder.ancestors(attn_add)):
+                mlp_res = r
+                break
+        if mlp_res is None:
+            raise BlockStructureError(
+                f"attention node {att.core.name} ({_module_path(att.core) or 'unknown module'}) in {name} "
+                "is not followed by an MLP residual (x + mlp(norm(x))); parallel or MLP-free blocks are "
+                "not supported yet"
+            )
+        mlp_add, _skip, mlp_branch = mlp_res
+        attn_nodes = (finder.ancestors(attn_add) - finder.ancestors(x_in)) - {x_in}
+        mlp_nodes = (finder.ancestors(mlp_add) - finder.ancestors(attn_add)) - {attn_add}
+        order = finder.order
+        att.proj = _first_of(attn_nodes - finder.ancestors(att.core) - {att.core}, P.LINEAR_OPS, order)
+        att.qkv_linears = sorted(
+            (n for n in finder.ancestors(att.core) & attn_nodes if P.is_call(n, P.LINEAR_OPS)), key=order.__getitem__
+        )
+        linears = sorted((n for n in mlp_nodes if P.is_call(n, P.LINEAR_OPS)), key=order.__getitem__)
+        acts = sorted((n for n in mlp_nodes if P.is_call(n, P.ACTIVATION_OPS)), key=order.__getitem__)
+        shape = P.val(attn_add).shape
+        blocks.append(
+            BlockInfo(
+                index=len(blocks),
+                x_in=x_in,
+                x_mid=attn_add,
+                x_out=mlp_add,
+                attn_add=attn_add,
+                mlp_add=mlp_add,
+                attn_branch=attn_branch,
+                mlp_branch=mlp_branch,
+                attention=att,
+                mlp=MLPInfo(linears, acts),
+                norm1=_first_of(finder.ancestors(att.core) & attn_nodes, P.NORM_OPS, order),
+                norm2=_first_of(mlp_nodes, P.NORM_OPS, order),
+                layer_scale1=_layer_scale(attn_branch),
+                layer_scale2=_layer_scale(mlp_branch),
+                tokens=int(shape[1]),
+                channels=int(shape[2]),
+                module_path=_module_path(attn_add),
+                nodes=sorted(attn_nodes | mlp_nodes | {attn_add, mlp_add}, key=order.__getitem__),
+            )
+        )
+
+    for blk in blocks:
+        for node in blk.nodes:
+            node.meta[META_BLOCK] = blk.index
+        roles = {
+            "residual.in": blk.x_in, "attn.q": blk.attention.q, "attn.k": blk.attention.k,
+            "attn.v": blk.attention.v, "attn.core": blk.attention.core, "attn.proj": blk.attention.proj,
+            "attn.add": blk.attn_add, "mlp.add": blk.mlp_add, "norm1": blk.norm1, "norm2": blk.norm2,
+            "ls1": blk.layer_scale1, "ls2": blk.layer_scale2,
+        }
+        roles.update({f"mlp.fc{i + 1}": n for i, n in enumerate(blk.mlp.linears)})
+        for role, node in roles.items():
+            if node is not None and role != "residual.in":
+                node.meta[META_ROLE] = role
+
+    tokens = blocks[0].tokens
+    prefix, cat = _prefix_tokens(finder, blocks[0].x_in, tokens)
+    info = ModelInfo(
+        blocks=blocks,
+        token_axis=1,
+        num_prefix_tokens=prefix,
+        num_patch_tokens=tokens - prefix,
+        head_readers=_head_readers(finder, blocks[-1].x_out),
+        image_input=finder.image,
+        prefix_cat=cat,
+    )
+    gm.meta[MODEL_INFO] = info
+    return PassResult(gm, False)
+
+
+def get_model_info(gm: fx.GraphModule) -> ModelInfo:
+    """The :class:`ModelInfo` that ``find_blocks`` stored on ``gm`` (running it if it has not run)."""
+    if MODEL_INFO not in gm.meta:
+        find_blocks(gm)
+    return gm.meta[MODEL_INFO]
