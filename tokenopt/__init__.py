@@ -10,16 +10,16 @@ Importing tokenopt imports neither triton nor CUDA; the Triton kernels load on f
 
 from tokenopt.api import optimize
 from tokenopt.capture import CaptureError, capture
-from tokenopt.explain import explain
+from tokenopt.explain import explain, token_counts
 from tokenopt.ir import BlockInfo, ModelInfo
 from tokenopt.passes import BlockStructureError, NoAttentionError, find_blocks, get_model_info
 from tokenopt.pipeline import PassError, Pipeline, register_pass
-from tokenopt.policies import NoReduction, PolicyConfig
+from tokenopt.policies import ATS, NoReduction, PolicyConfig, ToMe, TopK
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "optimize", "capture", "explain", "find_blocks", "get_model_info",
+    "optimize", "capture", "explain", "token_counts", "find_blocks", "get_model_info",
     "CaptureError", "NoAttentionError", "BlockStructureError", "PassError",
-    "BlockInfo", "ModelInfo", "Pipeline", "register_pass", "PolicyConfig", "NoReduction",
+    "BlockInfo", "ModelInfo", "Pipeline", "register_pass", "PolicyConfig", "NoReduction", "ATS", "TopK", "ToMe",
 ]

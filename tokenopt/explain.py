@@ -13,9 +13,9 @@ from rich.table import Table
 from rich.text import Text
 
 from tokenopt.flops import node_flops
-from tokenopt.ir import META_BLOCK, META_PROVENANCE, MODEL_INFO, ModelInfo
+from tokenopt.ir import META_BLOCK, META_PROVENANCE, META_ROLE, MODEL_INFO, ModelInfo
 
-__all__ = ["block_stats", "explain", "block_listing"]
+__all__ = ["block_stats", "explain", "block_listing", "token_counts"]
 
 
 def _tokens(node: fx.Node) -> Optional[int]:
@@ -145,3 +145,38 @@ def explain(gm: fx.GraphModule, block: Optional[int] = None, *, console: Optiona
     text = cap.get()
     console.print(Group(*parts))
     return text
+
+
+def token_counts(gm: fx.GraphModule, *inputs) -> dict[int, "torch.Tensor"]:
+    """Run ``gm`` on ``inputs`` and return, per block, how many real tokens each image has after it.
+
+    Returns:
+        ``{block index: LongTensor [B]}``; padding (ATS) is not counted.
+
+    Example:
+        >>> import torch, timm, tokenopt
+        >>> gm = tokenopt.optimize(timm.create_model("deit_tiny_patch16_224", depth=4), policy="topk", blocks=(1,))
+        >>> {b: c.tolist() for b, c in tokenopt.token_counts(gm, torch.randn(2, 3, 224, 224)).items()}
+        {0: [197, 197], 1: [139, 139], 2: [139, 139], 3: [139, 139]}
+    """
+    import torch
+
+    info: ModelInfo = gm.meta[MODEL_INFO]
+    block_of_out = {b.x_out: b.index for b in info.blocks}
+    counts: dict[int, torch.Tensor] = {}
+    valid = []
+
+    class _Recorder(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n.meta.get(META_ROLE) == "tokens.select":  # returns (idx, valid)
+                valid.append(out[1])
+            if n in block_of_out:
+                counts[block_of_out[n]] = (
+                    valid[-1].sum(1) if valid else torch.full((out.shape[0],), out.shape[1], dtype=torch.long)
+                )
+            return out
+
+    with torch.no_grad():
+        _Recorder(gm).run(*inputs)
+    return counts

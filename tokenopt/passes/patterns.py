@@ -115,3 +115,11 @@ def swaps_last_two(node: fx.Node) -> bool:
 
 def is_param(node: Any) -> bool:
     return isinstance(node, fx.Node) and node.op == "get_attr"
+
+
+def set_sdpa_mask(sdpa: fx.Node, mask: Any) -> None:
+    """Set the ``attn_mask`` of an SDPA node, wherever (positional or keyword) it was given."""
+    if len(sdpa.args) > 3:
+        sdpa.update_arg(3, mask)
+    else:
+        sdpa.update_kwarg("attn_mask", mask)

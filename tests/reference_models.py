@@ -1,0 +1,127 @@
+"""Eager references: each model family run block by block in plain PyTorch, with a token-reduction
+algorithm applied through :mod:`tokenopt.kernels.reference`.
+
+These never look at graphs. A rewritten GraphModule must match them: that checks the placement and
+wiring of every inserted node, the retargeted reshapes and the head. The module attributes used here
+are the families' own (this is test code that knows the models; the library does not).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from tokenopt.kernels import reference as ref
+
+
+@dataclass
+class Block:
+    norm1: Callable
+    qkv: Callable  # h -> (q, k, v) each [B, H, N, D]
+    scale: float
+    proj: Callable  # [B, N, C] -> [B, N, C]
+    ls1: Callable
+    norm2: Callable
+    mlp: Callable
+    ls2: Callable
+
+
+def _timm_blocks(model) -> list[Block]:
+    out = []
+    for blk in model.blocks:
+        att = blk.attn
+
+        def qkv(h, att=att):
+            b, n, c = h.shape
+            q, k, v = att.qkv(h).reshape(b, n, 3, att.num_heads, c // att.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+            return att.q_norm(q), att.k_norm(k), v
+
+        out.append(Block(blk.norm1, qkv, att.scale, lambda o, att=att: att.proj(att.norm(o)), blk.ls1, blk.norm2, blk.mlp, blk.ls2))
+    return out
+
+
+def _hf_blocks(model) -> list[Block]:
+    heads = model.config.num_attention_heads
+    out = []
+    for layer in model.vit.layers:
+        att = layer.attention
+
+        def qkv(h, att=att):
+            b, n, c = h.shape
+            return tuple(f(h).view(b, n, heads, c // heads).transpose(1, 2) for f in (att.q_proj, att.k_proj, att.v_proj))
+
+        ident = lambda t: t  # noqa: E731
+        out.append(Block(layer.layernorm_before, qkv, att.scaling, att.o_proj, ident, layer.layernorm_after, layer.mlp, ident))
+    return out
+
+
+@dataclass
+class Policy:
+    """What to do in which block; mirrors the policy configs (kept separate on purpose)."""
+
+    kind: str = "none"  # "ats" | "topk" | "tome" | "none"
+    blocks: tuple = ()
+    max_tokens: int = 98
+    min_tokens: int = 8
+    keep_rate: float = 0.7
+    fuse: bool = False
+    r: int = 13
+    prop_attn: bool = True
+
+
+def run_blocks(blocks: list[Block], x: torch.Tensor, num_prefix: int, pol: Policy):
+    """Run the blocks with the policy; returns (tokens, valid, size, per-block kept counts [B])."""
+    bias = valid = size = None
+    counts = {}
+    for i, blk in enumerate(blocks):
+        q, k, v = blk.qkv(blk.norm1(x))
+        if pol.kind == "ats" and i in pol.blocks:
+            cls = ref.cls_attention(q, k, blk.scale, bias)
+            scores = ref.ats_scores(cls, v, num_prefix, valid)
+            idx, valid = ref.ats_select(scores, pol.max_tokens, pol.min_tokens, num_prefix, valid)
+            o = F.scaled_dot_product_attention(ref.gather_tokens(q, idx, 2), k, v, attn_mask=bias, scale=blk.scale)
+            x = ref.gather_tokens(x, idx, 1) + blk.ls1(blk.proj(o.transpose(1, 2).flatten(2)))
+            bias = ref.valid_to_bias(valid, x.dtype)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=blk.scale)
+            x = x + blk.ls1(blk.proj(o.transpose(1, 2).flatten(2)))
+        if pol.kind == "topk" and i in pol.blocks:
+            cls = ref.cls_attention(q, k, blk.scale, bias)
+            patches = x.shape[1] - num_prefix
+            keep = min(patches, math.ceil(pol.keep_rate * patches))
+            idx = ref.topk_select(cls, keep, num_prefix)
+            kept = ref.gather_tokens(x, idx, 1)
+            if pol.fuse and keep < patches:
+                kept = torch.cat([kept, ref.evit_fuse(x, cls, idx, num_prefix)], dim=1)
+            x = kept
+        if pol.kind == "tome" and i in pol.blocks and pol.r > 0:
+            unm, src, dst = ref.tome_match(k.mean(1), pol.r, num_prefix)
+            x, size = ref.tome_merge(x, size, unm, src, dst, num_prefix)
+            bias = ref.size_to_bias(size) if pol.prop_attn else bias
+        x = x + blk.ls2(blk.mlp(blk.norm2(x)))
+        counts[i] = valid.sum(1) if valid is not None else torch.full((x.shape[0],), x.shape[1])
+    return x, valid, size, counts
+
+
+def timm_forward(model, img: torch.Tensor, pol: Policy):
+    """timm VisionTransformer / VisionTransformerDistilled with ``pol`` applied."""
+    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(img))))
+    x, valid, size, counts = run_blocks(_timm_blocks(model), x, model.num_prefix_tokens, pol)
+    x = model.norm(x)
+    if getattr(model, "global_pool", "token") == "avg":
+        p = model.num_prefix_tokens
+        pooled = ref.sized_mean(x, size, p) if size is not None else (
+            ref.masked_mean(x, valid, p) if valid is not None else x[:, p:].mean(1))
+        return model.head(model.head_drop(model.fc_norm(pooled))), counts
+    return model.forward_head(x), counts
+
+
+def hf_forward(model, img: torch.Tensor, pol: Policy):
+    """Hugging Face ViTForImageClassification with ``pol`` applied (returns logits)."""
+    x = model.vit.embeddings(img)
+    x, _valid, _size, counts = run_blocks(_hf_blocks(model), x, 1, pol)
+    return model.classifier(model.vit.layernorm(x)[:, 0]), counts

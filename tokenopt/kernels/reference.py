@@ -1,0 +1,226 @@
+"""Token ops in plain PyTorch: the specification every graph rewrite and every kernel is held to.
+
+Nothing here knows about graphs or models: tensors in, tensors out. Shape convention:
+
+* ``x``: residual stream ``[B, N, C]``; the first ``num_prefix`` tokens (CLS, distillation,
+  registers) are never dropped or merged; token 0 is the CLS token where a policy needs one.
+* ``q, k, v``: attention inputs ``[B, H, N, D]``.
+* ``bias``: additive attention bias over keys, ``[B, 1, 1, N]`` (``-inf`` masks a key), or ``None``.
+* ``idx``: kept-token indices ``[B, M]`` into the token axis, prefix tokens first, then patch tokens
+  in their original order. ``valid``: ``[B, M]`` bool, False on padding (ATS pads every image of a
+  batch to the batch's largest kept count).
+* ``size``: ToMe token sizes ``[B, N, 1]`` (how many original patches a token stands for).
+
+Sources: ATS (Fayyaz et al., ECCV 2022), EViT (Liang et al., ICLR 2022), ToMe (Bolya et al., ICLR
+2023); the facts used are listed in the docs of each function.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+__all__ = [
+    "cls_attention",
+    "ats_scores",
+    "ats_select",
+    "topk_select",
+    "evit_fuse",
+    "gather_tokens",
+    "valid_to_bias",
+    "tome_match",
+    "tome_merge",
+    "size_to_bias",
+    "masked_mean",
+    "sized_mean",
+]
+
+
+def cls_attention(q: torch.Tensor, k: torch.Tensor, scale: float, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Softmax attention row of the CLS query (token 0) over all keys: ``[B, H, N]``.
+
+    This is row 0 of ``softmax(q k^T * scale + bias)``, computed as ``q_cls . K^T`` so the full
+    attention can stay inside a fused SDPA kernel.
+    """
+    logits = torch.matmul(q[:, :, :1], k.transpose(-2, -1)) * scale  # [B, H, 1, N]
+    if bias is not None:
+        logits = logits + bias
+    return torch.softmax(logits.float(), dim=-1).squeeze(2).to(q.dtype)
+
+
+def ats_scores(
+    cls_attn: torch.Tensor, v: torch.Tensor, num_prefix: int, valid: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """ATS significance scores of the patch tokens, ``[B, N - num_prefix]``, summing to 1 per image.
+
+    ``s_j = (sum_h A[cls, j]) * ||v_j||`` with ``||v_j||`` the norm of token j's value over all heads
+    (ATS, eq. 4-5). Tokens marked invalid (padding) score 0.
+    """
+    attn = cls_attn.float().sum(dim=1)  # [B, N]
+    vnorm = v.float().pow(2).sum(dim=(1, 3)).sqrt()  # [B, N]: over heads and head dim
+    s = (attn * vnorm)[:, num_prefix:]
+    if valid is not None:
+        s = s * valid[:, num_prefix:].to(s.dtype)
+    return s / s.sum(dim=1, keepdim=True).clamp_min(torch.finfo(s.dtype).tiny)
+
+
+def _indices_of(keep: torch.Tensor, num_prefix: int, width: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kept patch-token mask ``[B, Np]`` -> (idx ``[B, P + M]`` with prefix first, valid ``[B, P + M]``).
+
+    ``M`` is the batch's largest kept count (or ``width``); shorter rows are padded with index 0
+    (a prefix token, harmless to gather) and ``valid=False``.
+    """
+    b, n = keep.shape
+    counts = keep.sum(dim=1)
+    m = int(counts.max()) if width is None and b > 0 else (width or 0)
+    # kept tokens first, each group in original order (stable sort)
+    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :m]
+    valid_patch = torch.arange(m, device=keep.device)[None, :] < counts[:, None]
+    idx_patch = torch.where(valid_patch, order + num_prefix, torch.zeros_like(order))
+    prefix = torch.arange(num_prefix, device=keep.device).expand(b, num_prefix)
+    idx = torch.cat([prefix, idx_patch], dim=1)
+    valid = torch.cat([torch.ones(b, num_prefix, dtype=torch.bool, device=keep.device), valid_patch], dim=1)
+    return idx, valid
+
+
+def ats_select(
+    scores: torch.Tensor, num_samples: int, min_tokens: int, num_prefix: int, valid: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ATS inverse-transform sampling: ``(idx, valid)`` padded to the batch's largest kept count.
+
+    Sort the scores, build their CDF, take ``num_samples`` evenly spaced points ``(i + 0.5) / K`` in
+    (0, 1) and keep the token whose CDF step covers each point; repeated picks collapse, so each
+    image keeps its own number of tokens (ATS, Sec. 3.2), at most ``num_samples``. An image that
+    sampled fewer than ``min_tokens`` also keeps its ``min_tokens`` highest-scoring tokens (a floor;
+    zero-score tokens, such as padding, never count). Prefix tokens are always kept and come first.
+
+    Args:
+        scores: ``[B, Np]`` from :func:`ats_scores`.
+        num_samples: K, the most patch tokens an image keeps.
+        min_tokens: floor on kept patch tokens (capped by the valid tokens an image has).
+        num_prefix: prefix tokens in front of the patch tokens.
+        valid: ``[B, P + Np]`` validity of the incoming tokens, or None.
+    """
+    b, n = scores.shape
+    sorted_s, order = torch.sort(scores, dim=1)
+    cdf = torch.cumsum(sorted_s, dim=1)
+    points = (torch.arange(num_samples, device=scores.device, dtype=cdf.dtype) + 0.5) / num_samples
+    pos = torch.searchsorted(cdf.contiguous(), points.expand(b, num_samples).contiguous()).clamp_(max=n - 1)
+    picked_sorted = torch.zeros(b, n, dtype=torch.bool, device=scores.device).scatter_(1, pos, True)
+    keep = torch.zeros_like(picked_sorted).scatter_(1, order, picked_sorted)
+    if valid is not None:
+        keep &= valid[:, num_prefix:]
+    if min_tokens > 0:
+        # images that sampled fewer than the floor also keep their min_tokens best (valid) tokens
+        top = torch.zeros_like(picked_sorted)
+        top[:, max(n - min_tokens, 0):] = True
+        top = torch.zeros_like(top).scatter_(1, order, top) & (scores > 0)
+        keep |= top & (keep.sum(1, keepdim=True) < min_tokens)
+    return _indices_of(keep, num_prefix)
+
+
+def topk_select(cls_attn: torch.Tensor, keep: int, num_prefix: int) -> torch.Tensor:
+    """EViT/top-k: indices ``[B, P + keep]`` of the prefix tokens and the ``keep`` patch tokens with the
+    highest head-averaged CLS attention, in original order."""
+    score = cls_attn.float().mean(dim=1)[:, num_prefix:]
+    top = torch.topk(score, keep, dim=1, largest=True, sorted=False).indices
+    top = torch.sort(top, dim=1).values + num_prefix
+    prefix = torch.arange(num_prefix, device=top.device).expand(top.shape[0], num_prefix)
+    return torch.cat([prefix, top], dim=1)
+
+
+def evit_fuse(x: torch.Tensor, cls_attn: torch.Tensor, idx: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    """EViT's fused token ``[B, 1, C]``: the dropped patch tokens summed with their head-averaged CLS
+    attention as weights (EViT code: ``sum(non_topk * non_topk_attn)``, not renormalised)."""
+    b, n, c = x.shape
+    w = cls_attn.float().mean(dim=1)  # [B, N]
+    dropped = torch.ones(b, n, dtype=torch.bool, device=x.device)
+    dropped[:, :num_prefix] = False
+    dropped.scatter_(1, idx, False)
+    w = (w * dropped).to(x.dtype)
+    return torch.bmm(w.unsqueeze(1), x)  # [B, 1, C]
+
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """``x`` with only the tokens ``idx`` ``[B, M]`` along ``dim`` (1 for ``[B, N, C]``, 2 for ``[B, H, N, D]``)."""
+    shape = [1] * x.dim()
+    shape[0], shape[dim] = idx.shape
+    index = idx.view(shape).expand(*[s if i != dim else idx.shape[1] for i, s in enumerate(x.shape)])
+    return torch.gather(x, dim, index)
+
+
+def valid_to_bias(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Attention bias ``[B, 1, 1, M]``: 0 for valid keys, ``-inf`` for padding."""
+    bias = torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill_(~valid, float("-inf"))
+    return bias[:, None, None, :]
+
+
+def tome_match(metric: torch.Tensor, r: int, num_prefix: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ToMe bipartite soft matching on the patch tokens.
+
+    Patch tokens alternate into sets A (even) and B (odd); each A token is matched to its most similar
+    B token (cosine similarity of ``metric``, keys averaged over heads); the ``r`` best-matched A tokens
+    are merged into their B partners (ToMe, Sec. 3). Prefix tokens take no part, so they can never be
+    merged (ToMe protects only CLS and distillation tokens by masking scores; here every prefix token
+    is excluded, so register tokens are safe too). ``r`` is capped at ``|A|``.
+
+    Returns:
+        ``unm_idx [B, |A| - r]`` (A tokens kept, ascending), ``src_idx [B, r]`` (A tokens merged) and
+        ``dst_idx [B, r]`` (their B partners), all indices within A or B.
+    """
+    m = metric[:, num_prefix:].float()
+    m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    a, b = m[:, ::2], m[:, 1::2]
+    r = min(r, a.shape[1])
+    scores = a @ b.transpose(-1, -2)
+    node_max, node_idx = scores.max(dim=-1)
+    edge_idx = node_max.argsort(dim=-1, descending=True, stable=True)
+    unm_idx = torch.sort(edge_idx[:, r:], dim=1).values
+    src_idx = edge_idx[:, :r]
+    dst_idx = node_idx.gather(1, src_idx)
+    return unm_idx, src_idx, dst_idx
+
+
+def tome_merge(
+    x: torch.Tensor,
+    size: Optional[torch.Tensor],
+    unm_idx: torch.Tensor,
+    src_idx: torch.Tensor,
+    dst_idx: torch.Tensor,
+    num_prefix: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Size-weighted merge of ToMe: returns ``(x', size')`` with ``[prefix, unmerged A, B]`` tokens.
+
+    Each B token becomes the size-weighted average of itself and the A tokens merged into it; sizes add.
+    """
+    bsz, n, c = x.shape
+    if size is None:
+        size = torch.ones(bsz, n, 1, dtype=x.dtype, device=x.device)
+    xs = torch.cat([x * size, size], dim=-1)  # carry size as an extra channel: one gather, one scatter
+    prefix, patches = xs[:, :num_prefix], xs[:, num_prefix:]
+    a, b = patches[:, ::2], patches[:, 1::2]
+    unm = gather_tokens(a, unm_idx)
+    src = gather_tokens(a, src_idx)
+    b = b.scatter_add(1, dst_idx[..., None].expand(-1, -1, c + 1), src)
+    out = torch.cat([prefix, unm, b], dim=1)
+    new_size = out[..., -1:]
+    return out[..., :-1] / new_size, new_size
+
+
+def size_to_bias(size: torch.Tensor) -> torch.Tensor:
+    """ToMe's proportional attention: ``log(size)`` added to the logits of each key, ``[B, 1, 1, N]``."""
+    return size.log()[..., 0][:, None, None, :]
+
+
+def masked_mean(x: torch.Tensor, valid: torch.Tensor, start: int = 0, end: Optional[int] = None) -> torch.Tensor:
+    """Mean over the valid tokens of ``x[:, start:end]`` (pooling heads on padded batches)."""
+    w = valid[:, start:end].to(x.dtype)[..., None]
+    return (x[:, start:end] * w).sum(1) / w.sum(1).clamp_min(1)
+
+
+def sized_mean(x: torch.Tensor, size: torch.Tensor, start: int = 0, end: Optional[int] = None) -> torch.Tensor:
+    """Mean over ``x[:, start:end]`` weighted by ToMe sizes: the mean over the original patches."""
+    w = size[:, start:end]
+    return (x[:, start:end] * w).sum(1) / w.sum(1)

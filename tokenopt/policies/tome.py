@@ -1,0 +1,56 @@
+"""ToMe: token merging (Bolya et al., ICLR 2023). Training-free, fixed budget."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Union
+
+from tokenopt.passes.canonicalize import canonicalize_attention
+from tokenopt.passes.reduce_tokens import InsertToMe
+from tokenopt.policies._checks import check_blocks
+from tokenopt.policies.base import PolicyConfig, register_policy
+
+__all__ = ["ToMe"]
+
+
+@register_policy
+@dataclasses.dataclass(frozen=True)
+class ToMe(PolicyConfig):
+    """Merge ``r`` tokens per block by bipartite soft matching on the keys, size-weighted.
+
+    Args:
+        r: tokens merged in each chosen block (capped at half the patch tokens there), or a list with
+            one value per model block. Default 13: the ToMe paper's DeiT-S setting (2.7 GFLOPs,
+            79.4% top-1 off the shelf, per the paper's results table).
+        blocks: where to merge; default every block.
+        proportional_attention: add ``log(size)`` to attention logits so merged tokens weigh as the
+            patches they stand for.
+
+    Example:
+        >>> import tokenopt
+        >>> tokenopt.ToMe(r=[8] * 12).r
+        (8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8)
+        >>> tokenopt.ToMe(r=-1)
+        Traceback (most recent call last):
+        ...
+        ValueError: tome: r must be an int >= 0 or a list of them (one per block); got -1. Example: r=13
+    """
+
+    r: Union[int, tuple[int, ...]] = 13
+    blocks: Optional[tuple[int, ...]] = None
+    proportional_attention: bool = True
+    name = "tome"
+
+    def __post_init__(self):
+        r = self.r
+        ok = (isinstance(r, int) and not isinstance(r, bool) and r >= 0) or (
+            isinstance(r, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in r)
+        )
+        if not ok:
+            raise ValueError(f"tome: r must be an int >= 0 or a list of them (one per block); got {r!r}. Example: r=13")
+        if isinstance(r, list):
+            object.__setattr__(self, "r", tuple(r))
+        object.__setattr__(self, "blocks", check_blocks(self.name, self.blocks))
+
+    def passes(self):
+        return [canonicalize_attention, InsertToMe(self.blocks, self.r, self.proportional_attention)]
