@@ -14,7 +14,7 @@ import torch.fx as fx
 
 aten = torch.ops.aten
 
-__all__ = ["node_flops"]
+__all__ = ["node_flops", "count_flops"]
 
 
 def _shape(node) -> Optional[tuple[int, ...]]:
@@ -44,3 +44,23 @@ def node_flops(node: fx.Node) -> int:
         w = _shape(node.args[1])
         return 2 * math.prod(out) * math.prod(w[1:]) if w else 0
     return 0
+
+
+def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    b, h, nq, d = query_shape
+    return 4 * b * h * nq * key_shape[-2] * d
+
+
+def count_flops(fn, *args, **kwargs) -> int:
+    """FLOPs of one call ``fn(*args, **kwargs)``, counted op by op as it runs (so per-image token
+    counts and the inserted token ops are included). Uses ``torch.utils.flop_counter``, taught the
+    CPU flash-attention op it does not know."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    mapping = {}
+    cpu_sdpa = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if cpu_sdpa is not None:
+        mapping[cpu_sdpa] = _sdpa_cpu_flops
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter, torch.no_grad():
+        fn(*args, **kwargs)
+    return counter.get_total_flops()

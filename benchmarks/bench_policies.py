@@ -1,0 +1,57 @@
+"""Eager vs each token-reduction policy on one model, measured in one run on this machine.
+
+    python benchmarks/bench_policies.py                       # DeiT-Small, batch 32, 224x224, fp32
+    python benchmarks/bench_policies.py --model deit_tiny_patch16_224 --batch 8 --rounds 3
+
+Prints per policy: FLOPs ratio, throughput ratio against eager measured in the same run, and
+efficiency = throughput gain / FLOPs-proportional ideal gain. Random-init weights (speed does not
+depend on them; per-image ATS counts do a little). Writes a JSON file next to the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+import tokenopt
+from tokenopt.bench import Variant, benchmark, print_results, save_json
+
+
+def tokens_per_block(gm, x) -> list[float]:
+    return [c.float().mean().item() for c in tokenopt.token_counts(gm, x).values()]
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="deit_small_patch16_224")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--json", default="out/bench_policies.json")
+    ap.add_argument("--policies", nargs="*", default=["ats", "topk", "tome"])
+    args = ap.parse_args(argv)
+
+    import timm
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = timm.create_model(args.model, pretrained=False).eval()
+    x = torch.randn(args.batch, *model.pretrained_cfg["input_size"])
+    variants = [Variant("eager", model, "-")]
+    graph = tokenopt.optimize(model, policy="none")
+    variants.append(Variant("graph, no reduction", graph, "none", tokens_per_block(graph, x)))
+    for name in args.policies:
+        gm = tokenopt.optimize(model, policy=name)
+        variants.append(Variant(name, gm, repr(gm.meta["tokenopt.policy"]), tokens_per_block(gm, x)))
+    results = benchmark(variants, x, rounds=args.rounds)
+    print_results(results, f"{args.model}, batch {args.batch}, {torch.get_num_threads()} threads, fp32, CPU")
+    for r in results:
+        print(f"{r.name}: {r.policy}")
+    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+    save_json(results, args.json, model=args.model, batch=args.batch, threads=torch.get_num_threads())
+
+
+if __name__ == "__main__":
+    main()
