@@ -3,7 +3,8 @@
     python benchmarks/bench_policies.py                       # DeiT-Small, batch 32, 224x224, fp32
     python benchmarks/bench_policies.py --model deit_tiny_patch16_224 --batch 8 --rounds 3
 
-Prints per policy: FLOPs ratio, throughput ratio against eager measured in the same run, and
+ATS runs ragged (packed tokens) by default; "ats:padded" and "ats:masked" are its padded and masked
+batching for comparison. Prints per policy: FLOPs ratio, throughput ratio against eager measured in the same run, and
 efficiency = throughput gain / FLOPs-proportional ideal gain. Random-init weights (speed does not
 depend on them; per-image ATS counts do a little). Writes a JSON file next to the table.
 """
@@ -30,7 +31,8 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--json", default="out/bench_policies.json")
-    ap.add_argument("--policies", nargs="*", default=["ats", "topk", "tome"])
+    ap.add_argument("--policies", nargs="*", default=["ats", "ats:padded", "ats:masked", "topk", "tome"],
+                    help="policy aliases; 'ats:MODE' picks the ATS batching mode (ragged, padded, masked)")
     args = ap.parse_args(argv)
 
     import timm
@@ -43,7 +45,8 @@ def main(argv=None) -> None:
     graph = tokenopt.optimize(model, policy="none")
     variants.append(Variant("graph, no reduction", graph, "none", tokens_per_block(graph, x)))
     for name in args.policies:
-        gm = tokenopt.optimize(model, policy=name)
+        policy, _, mode = name.partition(":")
+        gm = tokenopt.optimize(model, policy=policy, **({"mode": mode} if mode else {}))
         variants.append(Variant(name, gm, repr(gm.meta["tokenopt.policy"]), tokens_per_block(gm, x)))
     results = benchmark(variants, x, rounds=args.rounds)
     print_results(results, f"{args.model}, batch {args.batch}, {torch.get_num_threads()} threads, fp32, CPU")

@@ -53,6 +53,7 @@ class TokenState:
     bias: Optional[fx.Node] = None
     valid: Optional[fx.Node] = None
     size: Optional[fx.Node] = None
+    cu: Optional[fx.Node] = None  # offsets of the packed (ragged) tokens, once they are packed
 
 
 class _Builder:
@@ -123,7 +124,9 @@ class TokenReductionPass:
         state = TokenState(tokens=info.num_tokens)
         counts: dict[int, Optional[int]] = {}
         for blk in info.blocks:
-            if state.bias is not None:
+            if state.cu is not None and blk.index not in chosen:
+                _to_varlen(gm, blk, state.cu, state.cu, self.pass_name)
+            elif state.bias is not None:
                 _set_attn_bias(blk, state.bias)
             if blk.index in chosen:
                 self.reduce_block(gm, info, blk, state)
@@ -155,19 +158,29 @@ class InsertATS(TokenReductionPass):
 
     The full softmax over all keys stays in the fused SDPA; the CLS row is computed separately as
     ``q_cls . K^T`` (:func:`~tokenopt.kernels.reference.cls_attention`). The queries, the residual
-    input and everything after attention are gathered to the kept tokens. The batch is padded to its
-    largest kept count; padded tokens are masked out of later attention and pooling.
+    input and everything after attention keep only the sampled tokens. Three ways to hold per-image
+    counts (``mode``):
+
+    * ``"ragged"``: from the first sampling block on, all kept tokens of the batch live in one packed
+      ``[1, T, C]`` buffer with offsets ``cu``; attention runs per image over its own tokens
+      (:func:`~tokenopt.kernels.reference.varlen_attention`) and the head unpacks;
+    * ``"padded"``: each batch is padded to its largest kept count, padding masked out of attention
+      and pooling;
+    * ``"masked"``: nothing is removed, dropped tokens are only masked (what the published code does;
+      no speedup, kept for comparison).
 
     Args:
         blocks: block indices to sample in.
         max_tokens: K, the most patch tokens an image keeps in a block: a count, or a share of the
             model's patch tokens (a float in (0, 1]).
         min_tokens: floor of kept patch tokens per image.
+        mode: ``"ragged"``, ``"padded"`` or ``"masked"``.
     """
 
     blocks: Optional[Sequence[int]] = None
     max_tokens: Union[int, float] = 0.5
     min_tokens: int = 8
+    mode: str = "ragged"
     pass_name = "insert_ats"
 
     def default_blocks(self, depth):
@@ -180,20 +193,57 @@ class InsertATS(TokenReductionPass):
             raise RewriteError(f"block {blk.index}: ATS needs the attention as one SDPA node; run canonicalize_attention")
         b = _Builder(gm, att.core, blk.index, self.pass_name)
         p = info.num_prefix_tokens
-        cls = b.call(ref.cls_attention, att.q, att.k, att.scale, state.bias, role="tokens.cls_attn")
-        scores = b.call(ref.ats_scores, cls, att.v, p, state.valid, role="tokens.score")
         k = self.max_tokens if isinstance(self.max_tokens, int) else math.ceil(self.max_tokens * info.num_patch_tokens)
-        sel = b.call(ref.ats_select, scores, k, self.min_tokens, p, state.valid, role="tokens.select")
+        q, keys, values, bias, valid_in = att.q, att.k, att.v, state.bias, state.valid
+        if state.cu is not None:  # packed input: score on a padded view of this block's q/k/v rows
+            keys, valid_in = b.unpack(b.call(ref.unpack_padded, att.k, state.cu), 2)
+            values = b.unpack(b.call(ref.unpack_padded, att.v, state.cu), 2)[0]
+            q = b.call(ref.packed_first, att.q, state.cu)
+            bias = b.call(ref.valid_to_bias, valid_in, P.val(blk.x_in).dtype)
+        cls = b.call(ref.cls_attention, q, keys, att.scale, bias, role="tokens.cls_attn")
+        scores = b.call(ref.ats_scores, cls, values, p, valid_in, role="tokens.score")
+        sel = b.call(ref.ats_select, scores, k, self.min_tokens, p, valid_in, role="tokens.select")
         idx, valid = b.unpack(sel, 2, roles=("tokens.idx", "tokens.valid"))
-        q_sel = b.call(ref.gather_tokens, att.q, idx, 2)
-        att.core.update_arg(0, q_sel)
-        b2 = _Builder(gm, blk.attn_add, blk.index, self.pass_name)
-        x_sel = b2.call(ref.gather_tokens, blk.x_in, idx, 1)
-        blk.attn_add.replace_input_with(blk.x_in, x_sel)
         dtype = P.val(blk.x_in).dtype
-        state.bias = b2.call(ref.valid_to_bias, valid, dtype, role="tokens.bias")
-        state.valid = valid
         state.tokens = None
+        b2 = _Builder(gm, blk.attn_add, blk.index, self.pass_name)
+        if self.mode == "masked":
+            keep = b2.call(ref.scatter_keep, idx, valid, info.num_tokens, role="tokens.keep")
+            state.valid = keep
+            state.bias = b2.call(ref.valid_to_bias, keep, dtype, role="tokens.bias")
+            return
+        if self.mode == "padded":
+            att.core.update_arg(0, b.call(ref.gather_tokens, att.q, idx, 2))
+            x_sel = b2.call(ref.gather_tokens, blk.x_in, idx, 1)
+            blk.attn_add.replace_input_with(blk.x_in, x_sel)
+            state.bias = b2.call(ref.valid_to_bias, valid, dtype, role="tokens.bias")
+            state.valid = valid
+            return
+        flat, cu = b.unpack(b.call(ref.packed_index, idx, valid, state.cu, att.q), 2, roles=("tokens.flat", "tokens.cu"))
+        q_sel = b.call(ref.gather_packed, att.q, flat)
+        _to_varlen(gm, blk, cu, state.cu, self.pass_name, q=q_sel)
+        x_sel = b2.call(ref.gather_packed, blk.x_in, flat)
+        blk.attn_add.replace_input_with(blk.x_in, x_sel)
+        state.cu, state.bias, state.valid = cu, None, None
+
+
+def _to_varlen(gm: fx.GraphModule, blk: BlockInfo, cu_q: fx.Node, cu_k: Optional[fx.Node], pass_name: str,
+               q: Optional[fx.Node] = None) -> None:
+    """Replace the block's SDPA by attention over packed tokens, each image attending to its own."""
+    att = blk.attention
+    if att.kind != "sdpa" or att.attn_mask is not None:
+        raise RewriteError(
+            f"block {blk.index} ({blk.module_path}): attention {att.core.name} is not a plain SDPA without a "
+            "model mask, so it cannot run over packed tokens; use mode='padded'"
+        )
+    b = _Builder(gm, att.core, blk.index, pass_name)
+    new = b.call(ref.varlen_attention, q if q is not None else att.q, att.k, att.v, cu_q, cu_k, att.scale,
+                 role="attn.core")
+    new.meta["val"] = att.core.meta.get("val")
+    att.core.replace_all_uses_with(new)
+    gm.graph.erase_node(att.core)
+    att.core = new
+    att.kind = "varlen"
 
 
 @dataclass
@@ -288,15 +338,21 @@ def _rewire_head(gm: fx.GraphModule, info: ModelInfo, state: TokenState, pass_na
                     f"the head reads token {reader.index} (node {reader.node.name}), a patch token that token "
                     "reduction may drop or move; only prefix tokens (CLS, distillation, registers) are kept in place"
                 )
+            if state.cu is not None:  # packed: token i of every image
+                b = _Builder(gm, reader.node, -1, pass_name)
+                new = b.call(ref.packed_first, reader.node.args[0], state.cu, reader.index)
+                reader.node.replace_all_uses_with(new)
             continue
         if reader.kind == "mean":
-            if state.valid is None and state.size is None:
+            if state.valid is None and state.size is None and state.cu is None:
                 continue  # a plain mean over the remaining tokens is what the model asked for
             mean = reader.node
             src = mean.args[0]
             tokens = src.args[0] if P.is_call(src, P.SLICE_OPS) else src
             b = _Builder(gm, mean, -1, pass_name)
-            if state.size is not None:
+            if state.cu is not None:
+                new = b.call(ref.packed_mean, tokens, state.cu, reader.start, reader.end)
+            elif state.size is not None:
                 new = b.call(ref.sized_mean, tokens, state.size, reader.start, reader.end)
             else:
                 new = b.call(ref.masked_mean, tokens, state.valid, reader.start, reader.end)
@@ -309,22 +365,33 @@ def _rewire_head(gm: fx.GraphModule, info: ModelInfo, state: TokenState, pass_na
         )
 
 
+def _same_size(size: Any, key: Any) -> bool:
+    """``size`` (an int, or a node / SymInt for a symbolic size) is the captured size ``key``."""
+    if isinstance(size, fx.Node):
+        size = size.meta.get("val")
+    if isinstance(key, int):
+        return isinstance(size, int) and not isinstance(size, bool) and size == key
+    return isinstance(size, torch.SymInt) and str(size) == str(key)
+
+
 _VIEW_OPS = {aten.reshape.default, aten.view.default, aten._unsafe_view.default, aten.expand.default}
 
 
 def retarget_token_sizes(gm: fx.GraphModule) -> int:
-    """Replace the captured token count baked into reshape/view/expand sizes by the run-time count.
+    """Replace the captured token count (and batch size) in reshape/view/expand sizes by run-time sizes.
 
     ``torch.export`` records ``reshape(x, [s0, 197, 3, H, D])``; once tokens are dropped that 197 is
-    wrong. For each such node after the first inserted token op, the literal is replaced by
-    ``sym_size(input, d)`` where ``d`` is the one input axis whose captured size was the token count.
-    A node where that is ambiguous raises :class:`RewriteError` naming it.
+    wrong, and once they are packed into ``[1, T, C]`` so is the batch ``s0``. For each such node after
+    the first inserted token op, the size is replaced by ``sym_size(input, d)`` where ``d`` is the one
+    input axis that had that size at capture. A node where that is ambiguous raises
+    :class:`RewriteError` naming it.
 
     Returns:
         the number of sizes replaced.
     """
     info = get_model_info(gm)
     n0 = info.num_tokens
+    batch = P.val(info.image_input).shape[0]
     started, replaced = False, 0
     for node in list(gm.graph.nodes):
         # everything before the first token op still sees the captured token count
@@ -332,22 +399,26 @@ def retarget_token_sizes(gm: fx.GraphModule) -> int:
         if not started or not P.is_call(node, _VIEW_OPS):
             continue
         shape = list(node.args[1])
-        hits = [i for i, s in enumerate(shape) if isinstance(s, int) and s == n0]
-        if not hits:
-            continue
         src = node.args[0]
         src_val = P.val(src)
-        dims = [d for d, s in enumerate(src_val.shape) if isinstance(s, int) and s == n0] if src_val is not None else []
-        if len(hits) != 1 or len(dims) != 1:
-            raise RewriteError(
-                f"cannot tell which size of {node.name} ({node.format_node()}) is the token count {n0}: "
-                f"it appears {len(hits)} times in the target shape and {len(dims)} times in the input shape"
-            )
-        with gm.graph.inserting_before(node):
-            size = gm.graph.call_function(aten.sym_size.int, (src, dims[0]))
-        stamp(size, block=node.meta.get(META_BLOCK), **{"pass": "retarget_token_sizes"})
-        shape[hits[0]] = size
+        if src_val is None:
+            continue
+        # the captured sizes that may change: the token count, and the batch once tokens are packed
+        for key in (n0, batch):
+            hits = [i for i, s in enumerate(shape) if _same_size(s, key)]
+            if not hits:
+                continue
+            dims = [d for d, s in enumerate(src_val.shape) if _same_size(s, key)]
+            if len(hits) != 1 or len(dims) != 1:
+                raise RewriteError(
+                    f"cannot tell which size of {node.name} ({node.format_node()}) is {key}: it appears "
+                    f"{len(hits)} times in the target shape and {len(dims)} times in the input shape"
+                )
+            with gm.graph.inserting_before(node):
+                size = gm.graph.call_function(aten.sym_size.int, (src, dims[0]))
+            stamp(size, block=node.meta.get(META_BLOCK), **{"pass": "retarget_token_sizes"})
+            shape[hits[0]] = size
+            replaced += 1
         node.update_arg(1, shape)
-        replaced += 1
     gm.meta.setdefault("tokenopt.counters", {})["retarget_token_sizes"] = replaced
     return replaced

@@ -24,6 +24,9 @@ class ATS(PolicyConfig):
             with ``tokenopt bench`` for your accuracy/latency target.
         min_tokens: floor of kept patch tokens per image (ATS keeps at least a few; default 8).
         blocks: where to sample; default every block from the 4th on (ATS: blocks 4..12 of DeiT).
+        mode: how per-image token counts are batched: ``"ragged"`` (packed tokens, the default and
+            the fast one), ``"padded"`` (pad to the batch's largest count and mask) or ``"masked"``
+            (drop nothing, only mask: the published code's behaviour, for comparison).
 
     Example:
         >>> import tokenopt
@@ -38,12 +41,15 @@ class ATS(PolicyConfig):
     max_tokens: Union[int, float] = 0.5
     min_tokens: int = 8
     blocks: Optional[tuple[int, ...]] = None
+    mode: str = "ragged"
     name = "ats"
 
     def __post_init__(self):
+        if self.mode not in ("ragged", "padded", "masked"):
+            raise ValueError(f"ats: mode must be 'ragged', 'padded' or 'masked'; got {self.mode!r}")
         check_count_or_share(self.name, "max_tokens", self.max_tokens)
         check_int(self.name, "min_tokens", self.min_tokens, 0)
         object.__setattr__(self, "blocks", check_blocks(self.name, self.blocks))
 
     def passes(self):
-        return [canonicalize_attention, InsertATS(self.blocks, self.max_tokens, self.min_tokens)]
+        return [canonicalize_attention, InsertATS(self.blocks, self.max_tokens, self.min_tokens, self.mode)]
