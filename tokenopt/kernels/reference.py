@@ -69,7 +69,7 @@ def ats_scores(
     vnorm = v.float().pow(2).sum(dim=(1, 3)).sqrt()  # [B, N]: over heads and head dim
     s = (attn * vnorm)[:, num_prefix:]
     if valid is not None:
-        s = s * valid[:, num_prefix:].to(s.dtype)
+        s = torch.where(valid[:, num_prefix:], s, 0)
     return s / s.sum(dim=1, keepdim=True).clamp_min(torch.finfo(s.dtype).tiny)
 
 
@@ -225,8 +225,8 @@ def size_to_bias(size: torch.Tensor) -> torch.Tensor:
 
 def masked_mean(x: torch.Tensor, valid: torch.Tensor, start: int = 0, end: Optional[int] = None) -> torch.Tensor:
     """Mean over the valid tokens of ``x[:, start:end]`` (pooling heads on padded batches)."""
-    w = valid[:, start:end].to(x.dtype)[..., None]
-    return (x[:, start:end] * w).sum(1) / w.sum(1).clamp_min(1)
+    v = valid[:, start:end][..., None]
+    return torch.where(v, x[:, start:end], 0).sum(1) / v.sum(1).clamp_min(1).to(x.dtype)
 
 
 def sized_mean(x: torch.Tensor, size: torch.Tensor, start: int = 0, end: Optional[int] = None) -> torch.Tensor:
@@ -281,10 +281,12 @@ def unpack_padded(x: torch.Tensor, cu: torch.Tensor) -> tuple[torch.Tensor, torc
     pos = torch.arange(m, device=cu.device)
     valid = pos[None, :] < lengths[:, None]
     src = (cu[:-1, None] + pos[None, :]).clamp(max=max(int(cu[-1]) - 1, 0))
+    # padding is written as 0 with where(), not by multiplying: padding rows read other images'
+    # tokens, and 0 * nan would let one image's NaN leak into its neighbours
     if x.dim() == 3:
-        out = x[0][src] * valid[..., None].to(x.dtype)
+        out = torch.where(valid[..., None], x[0][src], 0)
     else:
-        out = x[0][:, src].permute(1, 0, 2, 3) * valid[:, None, :, None].to(x.dtype)
+        out = torch.where(valid[:, None, :, None], x[0][:, src].permute(1, 0, 2, 3), 0)
     return out, valid
 
 
