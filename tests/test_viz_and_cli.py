@@ -1,0 +1,68 @@
+import json
+import os
+
+import pytest
+import torch
+
+import tokenopt
+from tokenopt.viz import plot_tokens, token_sources
+from tests.models import timm_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return timm_model("deit_tiny_patch16_224", depth=6)
+
+
+@pytest.mark.parametrize("policy, options", [("ats", dict(max_tokens=60, blocks=(2, 4))),
+                                             ("topk", dict(keep_rate=0.5, blocks=(1, 3))),
+                                             ("tome", dict(r=30))])
+def test_token_sources_agree_with_token_counts(model, policy, options):
+    gm = tokenopt.optimize(model, policy=policy, **options)
+    x = torch.randn(1, 3, 224, 224)
+    sources = token_sources(gm, x)
+    counts = tokenopt.token_counts(gm, x)
+    for block, where in sources.items():
+        alive = where[where >= 0]
+        # every surviving patch token is accounted for, and no two blocks of patches collide wrongly
+        assert len(set(alive.tolist())) == int(counts[block][0]) - 1, block
+        assert alive.min() >= 1  # token 0 is the CLS token, never a patch
+    if policy == "tome":
+        assert all((w >= 0).all() for w in sources.values())  # merging never drops a patch
+
+
+def test_plot_tokens_writes_a_png(model, tmp_path):
+    gm = tokenopt.optimize(model, policy="tome", r=30)
+    display = torch.rand(224, 224, 3)
+    path = plot_tokens(gm, display.permute(2, 0, 1)[None], display, str(tmp_path / "t.png"), title="t")
+    assert os.path.getsize(path) > 10_000
+
+
+def test_cli_bench_on_a_tiny_sample(tmp_path):
+    pytest.importorskip("skimage")
+    from tokenopt.cli import main
+    from tokenopt.fidelity import FASHION_MNIST_ROOT
+
+    if not os.path.exists(os.path.join(FASHION_MNIST_ROOT, "t10k-labels-idx1-ubyte.gz")):
+        pytest.skip("Fashion-MNIST missing: apt-get install dataset-fashion-mnist")
+    out = tmp_path / "bench"
+    assert main(["bench", "--model", "deit_tiny_patch16_224", "--train", "32", "--test", "16", "--batch", "8",
+                 "--rounds", "1", "--policies", "topk", "tome", "--out", str(out)]) == 0
+    data = json.loads((out / "bench.json").read_text())
+    names = [r["variant"] for r in data["rows"]]
+    assert names == ["eager", "topk keep_rate=0.78", "tome r=18"]
+    eager = data["rows"][0]
+    assert eager["throughput_ratio"] == 1.0 and eager["cosine"] == pytest.approx(1.0)
+    assert all(r["flops_ratio"] < 1.0 for r in data["rows"][1:])
+    assert (out / "tradeoff.png").stat().st_size > 10_000
+
+
+def test_cli_viz_and_explain(tmp_path, capsys):
+    pytest.importorskip("skimage")
+    from tokenopt.cli import main
+
+    png = tmp_path / "v.png"
+    assert main(["viz", "--model", "deit_tiny_patch16_224", "--policy", "topk", "--out", str(png)]) == 0
+    assert png.stat().st_size > 10_000
+    assert main(["explain", "deit_tiny_patch16_224", "--policy", "topk", "--set", "keep_rate=0.5"]) == 0
+    assert "insert_topk" in capsys.readouterr().out
