@@ -9,7 +9,7 @@ import torch.fx as fx
 from torch.fx.passes.shape_prop import ShapeProp
 
 from tokenopt.capture import capture
-from tokenopt.explain import block_listing, block_stats
+from tokenopt.explain import block_listing, block_stats, token_counts
 from tokenopt.ir import MODEL_INFO
 from tokenopt.passes import find_blocks
 from tokenopt.pipeline import Pipeline
@@ -57,6 +57,7 @@ def optimize(
     gm = pipeline.run(gm)
     with torch.no_grad():
         ShapeProp(gm).propagate(*examples)
+    gm.meta["tokenopt.example_token_counts"] = token_counts(gm, *examples)
     gm.meta["tokenopt.policy"] = config
     gm.meta["tokenopt.pass_records"] = pipeline.records
     return gm

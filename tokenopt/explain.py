@@ -23,6 +23,26 @@ def _tokens(node: fx.Node) -> Optional[int]:
     return int(tm.shape[1]) if tm is not None and len(tm.shape) >= 2 else None
 
 
+def _per_image(gm: fx.GraphModule, b) -> tuple[Optional[str], Optional[str]]:
+    """Tokens per image into and out of block ``b`` on the example inputs, as text.
+
+    Read from ``gm.meta["tokenopt.example_token_counts"]`` (written by optimize) when present, so
+    per-image counts show as "mean (min-max)" and packed buffers are not mistaken for one image.
+    """
+    counts = gm.meta.get("tokenopt.example_token_counts")
+    if counts is None:
+        t_in, t_out = _tokens(b.x_in), _tokens(b.x_out)
+        return (None if t_in is None else str(t_in)), (None if t_out is None else str(t_out))
+
+    def fmt(c):
+        lo, hi = int(c.min()), int(c.max())
+        return str(lo) if lo == hi else f"{c.float().mean():.1f} ({lo}-{hi})"
+
+    before = counts.get(b.index - 1)
+    t_in = fmt(before) if before is not None else str(gm.meta[MODEL_INFO].num_tokens)
+    return t_in, fmt(counts[b.index])
+
+
 def block_stats(gm: fx.GraphModule) -> list[dict]:
     """Per-block rows: tokens in and out, FLOPs and inserted nodes counted by pass.
 
@@ -40,11 +60,12 @@ def block_stats(gm: fx.GraphModule) -> list[dict]:
             inserted.setdefault(blk, Counter())[prov.get("pass", "?")] += 1
     rows = []
     for b in info.blocks:
+        tokens_in, tokens_out = _per_image(gm, b)
         rows.append({
             "block": b.index,
             "module": b.module_path,
-            "tokens_in": _tokens(b.x_in),
-            "tokens_out": _tokens(b.x_out),
+            "tokens_in": tokens_in,
+            "tokens_out": tokens_out,
             "heads": b.attention.num_heads,
             "flops": flops[b.index],
             "inserted": dict(inserted.get(b.index, {})),
@@ -139,7 +160,10 @@ def explain(gm: fx.GraphModule, block: Optional[int] = None, *, console: Optiona
             Panel(Text(before), title=f"block {block} as captured"),
             Panel(Text(block_listing(gm, block)), title=f"block {block} after passes (+ inserted)"),
         ]))
-    console = console or Console()
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # piped or logged: do not squeeze the table into 80 columns
+            console = Console(width=150)
     with console.capture() as cap:
         console.print(Group(*parts))
     text = cap.get()

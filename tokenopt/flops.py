@@ -40,6 +40,15 @@ def node_flops(node: fx.Node) -> int:
     if t in (aten.matmul.default, aten.bmm.default) and out is not None:
         a = _shape(node.args[0])
         return 2 * math.prod(out) * a[-1] if a else 0
+    if getattr(t, "__name__", "") == "varlen_attention":
+        # packed queries [1, H, Tq, D] against each image's keys; per-image lengths are not in the
+        # shapes, so this assumes equal lengths (exact for dense keys, a slight undercount otherwise)
+        q, k, cu = _shape(node.args[0]), _shape(node.args[1]), _shape(node.args[3])
+        if q is None or k is None or cu is None:
+            return 0
+        images = max(cu[0] - 1, 1)
+        keys_per_image = k[2] if k[0] > 1 else k[2] / images
+        return int(4 * q[1] * q[2] * keys_per_image * q[3])
     if t == aten.conv2d.default and out is not None:
         w = _shape(node.args[1])
         return 2 * math.prod(out) * math.prod(w[1:]) if w else 0
