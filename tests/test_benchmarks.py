@@ -1,0 +1,35 @@
+"""The benchmark scripts run end to end (tiny settings; the speed targets live in the scripts' output,
+not in tests)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_policies_runs_and_writes_json(tmp_path):
+    out = tmp_path / "b.json"
+    _load("bench_policies").main(["--model", "deit_tiny_patch16_224", "--batch", "2", "--rounds", "1",
+                                  "--policies", "ats", "ats:padded", "tome", "--json", str(out)])
+    data = json.loads(out.read_text())
+    names = [r["name"] for r in data["results"]]
+    assert names == ["eager", "graph, no reduction", "ats", "ats:padded", "tome"]
+    by = {r["name"]: r for r in data["results"]}
+    assert by["graph, no reduction"]["flops_ratio"] == 1.0
+    assert by["tome"]["flops_ratio"] < 0.7 and by["ats"]["mean_tokens"] < 197
+
+
+def test_bench_varlen_attention_checks_every_implementation(capsys):
+    _load("bench_varlen_attention").main(["--batch", "3", "--heads", "2", "--head-dim", "8", "--min-len", "1",
+                                          "--max-len", "9", "--rounds", "1"])
+    out = capsys.readouterr().out
+    for name in ("loop", "padded", "bucketed"):
+        assert f"  {name}" in out
