@@ -10,7 +10,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from tokenopt.capture import capture
 from tokenopt.explain import block_listing, block_stats, token_counts
-from tokenopt.ir import MODEL_INFO
+from tokenopt.ir import META_BLOCK, MODEL_INFO
+from tokenopt.passes.reduce_tokens import RewriteError
 from tokenopt.passes import find_blocks
 from tokenopt.pipeline import Pipeline
 from tokenopt.policies import PolicyConfig, make_config
@@ -55,9 +56,41 @@ def optimize(
     gm.meta["tokenopt.baseline_flops"] = sum(r["flops"] for r in block_stats(gm))
     pipeline = Pipeline(config.passes(), policy=config.name)
     gm = pipeline.run(gm)
-    with torch.no_grad():
-        ShapeProp(gm).propagate(*examples)
+    _check_on_example(gm, examples, config)
     gm.meta["tokenopt.example_token_counts"] = token_counts(gm, *examples)
     gm.meta["tokenopt.policy"] = config
     gm.meta["tokenopt.pass_records"] = pipeline.records
     return gm
+
+
+def _check_on_example(gm: fx.GraphModule, examples, config) -> None:
+    """Run the rewritten graph once on the example inputs (recording shapes); on failure, name the
+    node and block, since a model part sized for the full token count is the usual cause."""
+    class _Prop(ShapeProp):
+        def run_node(self, n):
+            self._tokenopt_node = n
+            return super().run_node(n)
+
+    prop = _Prop(gm)
+    try:
+        with torch.no_grad():
+            prop.propagate(*examples)
+    except Exception as exc:
+        node = getattr(prop, "_tokenopt_node", None)
+        cause = exc.__cause__ or exc
+        raise RewriteError(
+            f"the graph rewritten for {config!r} fails on the example inputs"
+            + (f" at node {node.name} ({_where(node)})" if node is not None else "")
+            + f": {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}\n"
+            "A part of the model that is sized for the full token count (rotary or relative position "
+            "tables, fixed-size masks) usually causes this: reduce tokens only in blocks after it "
+            "(blocks=...) or choose a policy that keeps the count (policy='none')."
+        ) from exc
+
+
+def _where(node: fx.Node) -> str:
+    block = node.meta.get(META_BLOCK)
+    if block is not None:
+        return f"block {block}"
+    path = list((node.meta.get("nn_module_stack") or {}).values())
+    return f"between blocks, in {path[-1][0] or 'the top module'}" if path else "between blocks"

@@ -86,3 +86,29 @@ def test_fixed_budget_graphs_have_static_shapes():
             counts = tokenopt.token_counts(gm, torch.randn(2, 3, 224, 224) * (seed + 1))
             seen.add(tuple(tuple(c.tolist()) for c in counts.values()))
         assert len(seen) == 1
+
+
+class _PerTokenBiasBlock(torch.nn.Module):
+    """A block that adds a learned table sized for the full token count (like rotary tables)."""
+
+    def __init__(self, dim, tokens):
+        super().__init__()
+        from tests.models import HandBlock
+
+        self.inner = HandBlock(dim, 3)
+        self.table = torch.nn.Parameter(torch.randn(1, tokens, dim) * 0.01)
+
+    def forward(self, x):
+        return self.inner(x + self.table)
+
+
+def test_parts_sized_for_the_full_token_count_get_a_clear_error():
+    from tests.models import HandViT
+
+    model = HandViT(depth=3).eval()
+    model.layers = torch.nn.ModuleList(_PerTokenBiasBlock(96, 65) for _ in range(3))
+    with pytest.raises(tokenopt.passes.RewriteError, match=r"(?s)fails on the example inputs at node add_\d+ \(between blocks, in layers.1\).*blocks="):
+        tokenopt.optimize(model, policy="tome", r=8, example_inputs=(torch.randn(2, 3, 64, 64),))
+    # reducing only in the last block is fine
+    gm = tokenopt.optimize(model, policy="tome", r=8, blocks=(2,), example_inputs=(torch.randn(2, 3, 64, 64),))
+    assert tokenopt.token_counts(gm, torch.randn(2, 3, 64, 64))[2].tolist() == [57, 57]
