@@ -106,9 +106,9 @@ def print_results(results: Sequence[BenchResult], title: str, console=None) -> N
     for col in ("variant", "GFLOPs/img", "FLOPs ratio", "img/s", "throughput ratio", "efficiency", "mean tokens/block"):
         table.add_column(col, justify="left" if col == "variant" else "right")
     for r in results:
-        n = len(r.all_seconds) and r.images_per_second * r.seconds
+        batch = round(r.images_per_second * r.seconds)
         table.add_row(
-            r.name, f"{r.flops / 1e9 / n:.2f}", f"{r.flops_ratio:.3f}", f"{r.images_per_second:.1f}",
+            r.name, f"{r.flops / 1e9 / batch:.2f}", f"{r.flops_ratio:.3f}", f"{r.images_per_second:.1f}",
             f"{r.throughput_ratio:.3f}", f"{r.efficiency:.3f}",
             "" if r.mean_tokens is None else f"{r.mean_tokens:.1f}",
         )

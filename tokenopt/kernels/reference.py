@@ -343,4 +343,5 @@ def varlen_attention(
 def scatter_keep(idx: torch.Tensor, valid: torch.Tensor, n: int) -> torch.Tensor:
     """``[B, n]`` bool: which of the ``n`` tokens ``idx``/``valid`` keep (ATS "masked" mode)."""
     keep = torch.zeros(idx.shape[0], n, dtype=torch.bool, device=idx.device)
-    return keep.scatter_(1, torch.where(valid, idx, torch.zeros_like(idx)), valid | (idx == 0))
+    # padding points at token 0, a prefix token that is always kept
+    return keep.scatter_(1, torch.where(valid, idx, 0), True)

@@ -108,8 +108,7 @@ class TokenReductionPass:
 
     pass_name = "reduce_tokens"
 
-    def __init__(self, blocks: Optional[Sequence[int]]):
-        self.blocks = blocks
+    blocks: Optional[Sequence[int]] = None  # subclasses are dataclasses with this as a field
 
     def reduce_block(self, gm: fx.GraphModule, info: ModelInfo, blk: BlockInfo, state: TokenState) -> None:
         raise NotImplementedError
@@ -194,17 +193,17 @@ class InsertATS(TokenReductionPass):
         b = _Builder(gm, att.core, blk.index, self.pass_name)
         p = info.num_prefix_tokens
         k = self.max_tokens if isinstance(self.max_tokens, int) else math.ceil(self.max_tokens * info.num_patch_tokens)
+        dtype = P.val(blk.x_in).dtype
         q, keys, values, bias, valid_in = att.q, att.k, att.v, state.bias, state.valid
         if state.cu is not None:  # packed input: score on a padded view of this block's q/k/v rows
             keys, valid_in = b.unpack(b.call(ref.unpack_padded, att.k, state.cu), 2)
             values = b.unpack(b.call(ref.unpack_padded, att.v, state.cu), 2)[0]
             q = b.call(ref.packed_first, att.q, state.cu)
-            bias = b.call(ref.valid_to_bias, valid_in, P.val(blk.x_in).dtype)
+            bias = b.call(ref.valid_to_bias, valid_in, dtype)
         cls = b.call(ref.cls_attention, q, keys, att.scale, bias, role="tokens.cls_attn")
         scores = b.call(ref.ats_scores, cls, values, p, valid_in, role="tokens.score")
         sel = b.call(ref.ats_select, scores, k, self.min_tokens, p, valid_in, role="tokens.select")
         idx, valid = b.unpack(sel, 2, roles=("tokens.idx", "tokens.valid"))
-        dtype = P.val(blk.x_in).dtype
         state.tokens = None
         b2 = _Builder(gm, blk.attn_add, blk.index, self.pass_name)
         if self.mode == "masked":
