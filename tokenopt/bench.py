@@ -64,6 +64,7 @@ def benchmark(
     """
     from rich.progress import Progress
 
+    variants = list(variants)
     batch = inputs.shape[0]
     times: dict[str, list[float]] = {v.name: [] for v in variants}
     total = len(variants) * (rounds + warmup + 1)
@@ -75,7 +76,8 @@ def benchmark(
             flops[v.name] = count_flops(v.fn, inputs)
             bar.advance(task)
         for r in range(warmup + rounds):
-            for v in variants:
+            # each round starts at the next variant, so no variant always runs right after the same one
+            for v in variants[r % len(variants):] + variants[:r % len(variants)]:
                 bar.update(task, description=f"round {r + 1}/{warmup + rounds}: {v.name}")
                 start = time.perf_counter()
                 v.fn(inputs)

@@ -124,14 +124,20 @@ def _cmd_bench(args) -> int:
 
     size = default_example_inputs(model)[0].shape[-1]
 
+    budgets: dict = {}  # --budget tome:r=12 tome:r=14 -> {"tome": [{"r": 12}, {"r": 14}]}
+    for item in args.budget:
+        policy, sep, pair = item.partition(":")
+        if not sep or policy not in SWEEPS:
+            raise SystemExit(f"--budget {item!r}: write POLICY:KEY=VALUE with POLICY one of {sorted(SWEEPS)}")
+        budgets.setdefault(policy, []).append(_parse_sets(pair.split(",")))
     configs = []  # (label, policy, options)
     for policy in args.policies:
         if args.sweep:
             key, values = SWEEPS[policy]
-            configs += [(f"{policy} {key}={v}", policy, {key: v}) for v in values]
+            options = [{key: v} for v in values]
         else:
-            opts = DEFAULT_BUDGETS.get(policy, {})
-            configs.append((f"{policy} " + " ".join(f"{k}={v}" for k, v in opts.items()), policy, opts))
+            options = [{**DEFAULT_BUDGETS.get(policy, {}), **o} for o in budgets.get(policy, [{}])]
+        configs += [(f"{policy} " + " ".join(f"{k}={v}" for k, v in o.items()), policy, o) for o in options]
 
     train_x, train_y = load_fashion_mnist("train", args.train)
     test_x, test_y = load_fashion_mnist("test", args.test)
@@ -149,7 +155,9 @@ def _cmd_bench(args) -> int:
 
     base_train = extract_features(model, train_x, batch_size=args.batch, size=size, description="eager: train features")
     base_test = extract_features(model, test_x, batch_size=args.batch, size=size, description="eager: test features")
-    probe = LinearProbe.fit(base_train, train_y)
+    probe = LinearProbe.select(base_train, train_y)
+    console.print(f"linear probe: L2 {probe.l2:g} (picked on a held-out fifth of the eager train features)")
+    features = {"eager": base_test}
     rows = []
     for res in speed:
         if res.name == "eager":
@@ -158,6 +166,7 @@ def _cmd_bench(args) -> int:
             feats = extract_features(graphs[res.name], test_x, batch_size=args.batch, size=size,
                                      description=f"{res.name}: test features")
             fid = fidelity(probe, base_test, feats, test_y)
+            features[res.name] = feats
         rows.append({
             "variant": res.name, "policy": res.policy, "flops_ratio": res.flops_ratio,
             "throughput_ratio": res.throughput_ratio, "images_per_second": res.images_per_second,
@@ -180,8 +189,12 @@ def _cmd_bench(args) -> int:
     os.makedirs(args.out, exist_ok=True)
     json_path = os.path.join(args.out, "bench.json")
     with open(json_path, "w") as f:
-        json.dump({"model": args.model, "train": len(train_y), "test": len(test_y), "batch": args.batch,
+        json.dump({"model": args.model, "train": len(train_y), "test": len(test_y), "probe_l2": probe.l2,
+                   "batch": args.batch,
                    "threads": torch.get_num_threads(), "rows": rows}, f, indent=2)
+    # the features themselves, so other probes or metrics can be tried without re-running the models
+    torch.save({"train": base_train, "train_labels": train_y, "test_labels": test_y, "test": features},
+               os.path.join(args.out, "features.pt"))
     png_path = os.path.join(args.out, "tradeoff.png")
     _plot_tradeoff(rows, png_path, args.model)
     console.print(f"wrote {json_path} and {png_path}")
@@ -254,6 +267,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     bench.add_argument("--model", default="dinov2")
     bench.add_argument("--policies", nargs="*", default=["ats", "topk", "tome"], choices=sorted(SWEEPS))
     bench.add_argument("--sweep", action="store_true", help="each policy over several budgets")
+    bench.add_argument("--budget", nargs="*", default=[], metavar="POLICY:KEY=VALUE",
+                       help="a policy's budget instead of its default, e.g. tome:r=14 topk:keep_rate=0.8; "
+                       "repeat a policy to run it at several budgets, join options with commas")
     bench.add_argument("--train", type=int, default=500, help="first N Fashion-MNIST train images for the probe")
     bench.add_argument("--test", type=int, default=300, help="first N Fashion-MNIST test images (10000 = all)")
     bench.add_argument("--batch", type=int, default=32)

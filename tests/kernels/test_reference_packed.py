@@ -49,13 +49,34 @@ def test_packed_index_of_an_already_packed_batch():
     assert cu2.tolist() == [0] + valid2.sum(1).cumsum(0).tolist()
 
 
+@pytest.mark.parametrize("heads, d", [(3, 64), (6, 32)])
+def test_packed_cls_scores_equal_scoring_the_padded_tensors(heads, d):
+    gen = torch.Generator().manual_seed(heads)
+    lengths = [5, 1, 19, 0, 8]  # an image with only its CLS token, and an empty one
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist())
+    q, k, v = (torch.randn(1, heads, sum(lengths), d, generator=gen) for _ in range(3))
+    v[0, :, 5] = float("nan")  # image 1's only token is NaN: it stays in image 1
+    scale = d ** -0.5
+    cls, vnorm, valid = ref.packed_cls_scores(q, k, v, cu, scale)
+    kp, pvalid = ref.unpack_padded(k, cu)
+    vp, _ = ref.unpack_padded(v, cu)
+    expected_cls = ref.cls_attention(ref.packed_first(q, cu), kp, scale, ref.valid_to_bias(pvalid, q.dtype))
+    assert torch.equal(valid, pvalid)
+    ok = torch.tensor([i != 1 and n > 0 for i, n in enumerate(lengths)])
+    torch.testing.assert_close(cls[ok], expected_cls[ok])
+    assert torch.isnan(vnorm[1, 0]) and not torch.isnan(vnorm[ok]).any()
+    expected = ref.ats_scores(expected_cls, vp, 1, pvalid)
+    torch.testing.assert_close(ref.ats_scores_from_norms(cls, vnorm, 1, valid)[ok], expected[ok])
+
+
 @pytest.mark.parametrize("heads, d", [(3, 64), (6, 64), (2, 7)])
 @pytest.mark.parametrize("dense_keys", [True, False])
-def test_varlen_attention_matches_per_image_sdpa(heads, d, dense_keys):
+@pytest.mark.parametrize("n", [19, ref._SHORT_KEYS + 41])  # both of varlen_attention's code paths
+def test_varlen_attention_matches_per_image_sdpa(heads, d, dense_keys, n):
     gen = torch.Generator().manual_seed(heads * d)
-    b, n = 4, 19
-    lengths_q = [5, 0, 19, 1]
-    lengths_k = [n] * b if dense_keys else [7, 3, 19, 2]
+    b = 4
+    lengths_q = [5, 0, n, 1]
+    lengths_k = [n] * b if dense_keys else [7, 3, n, 2]
     cu_q = torch.tensor([0] + torch.tensor(lengths_q).cumsum(0).tolist())
     q = torch.randn(1, heads, sum(lengths_q), d, generator=gen)
     if dense_keys:

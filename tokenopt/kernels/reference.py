@@ -39,6 +39,8 @@ __all__ = [
     "gather_packed",
     "unpack_padded",
     "packed_first",
+    "packed_cls_scores",
+    "ats_scores_from_norms",
     "packed_mean",
     "varlen_attention",
     "scatter_keep",
@@ -65,12 +67,8 @@ def ats_scores(
     ``s_j = (sum_h A[cls, j]) * ||v_j||`` with ``||v_j||`` the norm of token j's value over all heads
     (ATS, eq. 4-5). Tokens marked invalid (padding) score 0.
     """
-    attn = cls_attn.float().sum(dim=1)  # [B, N]
-    vnorm = v.float().pow(2).sum(dim=(1, 3)).sqrt()  # [B, N]: over heads and head dim
-    s = (attn * vnorm)[:, num_prefix:]
-    if valid is not None:
-        s = torch.where(valid[:, num_prefix:], s, 0)
-    return s / s.sum(dim=1, keepdim=True).clamp_min(torch.finfo(s.dtype).tiny)
+    vnorm = torch.linalg.vector_norm(v.float(), dim=(1, 3))  # [B, N]: over heads and head dim
+    return ats_scores_from_norms(cls_attn, vnorm, num_prefix, valid)
 
 
 def _indices_of(keep: torch.Tensor, num_prefix: int, width: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -268,6 +266,8 @@ def gather_packed(x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
     """
     if x.dim() == 3:
         return x.flatten(0, 1)[flat].unsqueeze(0)
+    if x.shape[0] == 1:  # already packed: one index_select along the token axis
+        return x.index_select(2, flat)
     n = x.shape[2]
     rows = x[flat // n, :, flat % n]  # one gather: [T', H, D]
     return rows.transpose(0, 1).unsqueeze(0)
@@ -298,6 +298,43 @@ def packed_first(q: torch.Tensor, cu: torch.Tensor, offset: int = 0) -> torch.Te
     return q[0][:, rows].transpose(0, 1).unsqueeze(2)
 
 
+def packed_cls_scores(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CLS-row attention and value norms of packed tokens, read without unpacking ``k`` and ``v``.
+
+    ``q``, ``k``, ``v`` are packed ``[1, H, T, D]`` with each image's CLS token first in its segment.
+    Returns ``(cls_attn [B, H, M], vnorm [B, M], valid [B, M])`` padded to the longest image:
+    what :func:`cls_attention` and the value norm of :func:`ats_scores` give on the padded tensors,
+    at the cost of one ``[H, T, B]`` matmul and reads of ``[B, M]``-sized tables instead of two
+    copies of ``k`` and ``v``.
+    """
+    lengths = cu[1:] - cu[:-1]
+    b, t = lengths.shape[0], k.shape[2]
+    m = int(lengths.max()) if b > 0 else 0
+    pos = torch.arange(m, device=cu.device)
+    valid = pos[None, :] < lengths[:, None]
+    rows = (cu[:-1, None] + pos[None, :]).clamp(max=max(t - 1, 0))  # [B, M]
+    q_cls = q[0][:, cu[:-1]]  # [H, B, D]
+    # every token against every image's CLS query, then each token's own image: [H, T, B] -> [H, B, M]
+    logits = torch.matmul(k[0], q_cls.transpose(1, 2))[:, rows, torch.arange(b, device=cu.device)[:, None]]
+    logits = torch.where(valid, logits.float() * scale, float("-inf"))
+    cls_attn = torch.softmax(logits, dim=-1).transpose(0, 1).to(q.dtype)
+    vnorm = torch.linalg.vector_norm(v[0].float(), dim=(0, 2))[rows]  # over heads and head dim
+    # padding is set with where(), never multiplied: a NaN in a neighbour's rows must not leak in
+    return torch.where(valid[:, None], cls_attn, 0), torch.where(valid, vnorm, 0), valid
+
+
+def ats_scores_from_norms(
+    cls_attn: torch.Tensor, vnorm: torch.Tensor, num_prefix: int, valid: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """:func:`ats_scores` given the value norms ``[B, N]`` (from :func:`packed_cls_scores`)."""
+    s = (cls_attn.float().sum(dim=1) * vnorm.float())[:, num_prefix:]
+    if valid is not None:
+        s = torch.where(valid[:, num_prefix:], s, 0)
+    return s / s.sum(dim=1, keepdim=True).clamp_min(torch.finfo(s.dtype).tiny)
+
+
 def packed_mean(x: torch.Tensor, cu: torch.Tensor, start: int = 0, end: Optional[int] = None) -> torch.Tensor:
     """Per-image mean of packed ``[1, T, C]`` over each image's tokens ``start:end`` -> ``[B, C]``."""
     lengths = cu[1:] - cu[:-1]
@@ -313,14 +350,21 @@ def packed_mean(x: torch.Tensor, cu: torch.Tensor, start: int = 0, end: Optional
     return sums / counts.clamp_min(1)[:, None]
 
 
+# below this many keys an image's attention is a plain matmul-softmax-matmul: SDPA's fixed cost per
+# call (about 0.1 ms here) outweighs its work on short sequences; at 250 keys the two tie and above
+# 512 the fused kernel wins (``benchmarks/bench_varlen_attention.py``)
+_SHORT_KEYS = 160
+
+
 def varlen_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: Optional[torch.Tensor], scale: float
 ) -> torch.Tensor:
     """Attention of packed queries ``[1, H, Tq, D]``, each image over its own keys only.
 
     Keys/values are packed ``[1, H, Tk, D]`` with offsets ``cu_k``, or dense ``[B, H, N, D]`` when
-    ``cu_k`` is None. Runs SDPA image by image (on this CPU that was as fast as one padded, masked
-    SDPA and about 7x faster than nested-tensor SDPA: ``benchmarks/bench_varlen_attention.py``).
+    ``cu_k`` is None. Runs image by image on slices of the packed buffers, with no padding copies:
+    on this CPU that beat one padded, masked SDPA (which needs q/k/v copied into a padded layout)
+    and was about 7x faster than nested-tensor SDPA (``benchmarks/bench_varlen_attention.py``).
     """
     b, h, t, d = q.shape
     # [1, T, H, D] memory seen as [1, H, T, D]: the model's transpose(1, 2) + reshape after attention
@@ -331,12 +375,16 @@ def varlen_attention(
     for i in range(len(cq) - 1):
         if cq[i + 1] == cq[i]:
             continue
-        qi = q[:, :, cq[i]:cq[i + 1]]
+        qi = q[0, :, cq[i]:cq[i + 1]]
         if ck is None:
-            ki, vi = k[i:i + 1], v[i:i + 1]
+            ki, vi = k[i], v[i]
         else:
-            ki, vi = k[:, :, ck[i]:ck[i + 1]], v[:, :, ck[i]:ck[i + 1]]
-        out[:, :, cq[i]:cq[i + 1]] = torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, scale=scale)
+            ki, vi = k[0, :, ck[i]:ck[i + 1]], v[0, :, ck[i]:ck[i + 1]]
+        if ki.shape[1] <= _SHORT_KEYS and q.device.type == "cpu":
+            logits = torch.matmul(qi, ki.transpose(1, 2)).float().mul_(scale)
+            out[0, :, cq[i]:cq[i + 1]] = torch.matmul(logits.softmax(dim=-1).to(vi.dtype), vi)
+        else:
+            out[0, :, cq[i]:cq[i + 1]] = torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, scale=scale)
     return out
 
 

@@ -194,14 +194,14 @@ class InsertATS(TokenReductionPass):
         p = info.num_prefix_tokens
         k = self.max_tokens if isinstance(self.max_tokens, int) else math.ceil(self.max_tokens * info.num_patch_tokens)
         dtype = P.val(blk.x_in).dtype
-        q, keys, values, bias, valid_in = att.q, att.k, att.v, state.bias, state.valid
-        if state.cu is not None:  # packed input: score on a padded view of this block's q/k/v rows
-            keys, valid_in = b.unpack(b.call(ref.unpack_padded, att.k, state.cu), 2)
-            values = b.unpack(b.call(ref.unpack_padded, att.v, state.cu), 2)[0]
-            q = b.call(ref.packed_first, att.q, state.cu)
-            bias = b.call(ref.valid_to_bias, valid_in, dtype)
-        cls = b.call(ref.cls_attention, q, keys, att.scale, bias, role="tokens.cls_attn")
-        scores = b.call(ref.ats_scores, cls, values, p, valid_in, role="tokens.score")
+        if state.cu is None:
+            valid_in = state.valid
+            cls = b.call(ref.cls_attention, att.q, att.k, att.scale, state.bias, role="tokens.cls_attn")
+            scores = b.call(ref.ats_scores, cls, att.v, p, valid_in, role="tokens.score")
+        else:  # packed input: CLS rows and value norms straight from the packed q/k/v, padded [B, M]
+            packed = b.call(ref.packed_cls_scores, att.q, att.k, att.v, state.cu, att.scale)
+            cls, vnorm, valid_in = b.unpack(packed, 3, roles=("tokens.cls_attn", None, None))
+            scores = b.call(ref.ats_scores_from_norms, cls, vnorm, p, valid_in, role="tokens.score")
         sel = b.call(ref.ats_select, scores, k, self.min_tokens, p, valid_in, role="tokens.select")
         idx, valid = b.unpack(sel, 2, roles=("tokens.idx", "tokens.valid"))
         state.tokens = None
