@@ -33,3 +33,22 @@ def test_bench_varlen_attention_checks_every_implementation(capsys):
     out = capsys.readouterr().out
     for name in ("loop", "padded", "bucketed"):
         assert f"  {name}" in out
+
+
+def test_bench_kernels_check_compares_every_fused_op(capsys):
+    # conftest set TRITON_INTERPRET=1: --check runs the Triton ops on the CPU interpreter in-process
+    assert _load("bench_kernels").main(["--check"]) == 0
+    out = capsys.readouterr().out
+    for name in ("ats_select_dense", "ats_select_packed", "topk_gather", "tome_merge", "gather_packed",
+                 "unpack_padded", "varlen_attention"):
+        assert f"batch 3: {name}: fused == reference" in out
+
+
+def test_bench_kernels_without_a_gpu_says_so(capsys):
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the script times instead")
+    assert _load("bench_kernels").main([]) == 1
+    assert "no CUDA device" in capsys.readouterr().out

@@ -13,6 +13,7 @@ from tokenopt.explain import block_listing, block_stats, token_counts
 from tokenopt.ir import META_BLOCK, MODEL_INFO
 from tokenopt.passes.reduce_tokens import RewriteError
 from tokenopt.passes import find_blocks
+from tokenopt.passes.fuse_kernels import FuseKernels, resolve_backend
 from tokenopt.pipeline import Pipeline
 from tokenopt.policies import PolicyConfig, make_config
 
@@ -23,6 +24,8 @@ def optimize(
     model: torch.nn.Module,
     policy: Union[str, PolicyConfig] = "ats",
     example_inputs: Optional[Sequence[Any]] = None,
+    *,
+    kernels: str = "auto",
     **options: Any,
 ) -> fx.GraphModule:
     """Capture ``model``, find its transformer blocks and rewrite the graph to reduce tokens.
@@ -32,6 +35,9 @@ def optimize(
         policy: a policy alias (``"none"``, ...) or a config instance.
         example_inputs: one call's positional inputs; a random batch of the model's configured image
             size when omitted. The result runs at any batch size.
+        kernels: ``"auto"`` swaps the reference token ops for fused Triton kernels when the model is on
+            CUDA and Triton imports, ``"triton"`` always does, ``"reference"`` never
+            (:mod:`tokenopt.passes.fuse_kernels`).
         **options: fields of the policy's config (``keep_rate=0.7`` for ``"topk"``, ...).
 
     Returns:
@@ -54,7 +60,8 @@ def optimize(
         b.index: block_listing(gm, b.index) for b in gm.meta[MODEL_INFO].blocks
     }
     gm.meta["tokenopt.baseline_flops"] = sum(r["flops"] for r in block_stats(gm))
-    pipeline = Pipeline(config.passes(), policy=config.name)
+    resolve_backend(kernels, gm)  # reject a bad value before any rewriting
+    pipeline = Pipeline([*config.passes(), FuseKernels(kernels)], policy=config.name)
     gm = pipeline.run(gm)
     _check_on_example(gm, examples, config)
     gm.meta["tokenopt.example_token_counts"] = token_counts(gm, *examples)

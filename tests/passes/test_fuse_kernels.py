@@ -1,0 +1,87 @@
+"""fuse_kernels: which reference chains become which tokenopt custom ops, and that nothing else changes.
+
+The numerics of a fused graph (Triton under the interpreter) against the reference graph are in
+tests/kernels/test_fused_model.py; here only the rewrite itself.
+"""
+
+import pytest
+import torch
+
+import tokenopt
+from tests.models import timm_model
+from tokenopt.kernels import reference as ref
+from tokenopt.passes.fuse_kernels import FuseKernels, resolve_backend
+
+CASES = {
+    # policy options -> custom ops the fused graph must hold (op: count, for a 6-block DeiT-Tiny)
+    "ats ragged": ({"policy": "ats"}, {"ats_select_dense": 1, "ats_select_packed": 2, "varlen_attention": 3,
+                                       "gather_packed": 6}),
+    "ats padded": ({"policy": "ats", "mode": "padded"}, {"ats_select_dense": 3, "gather_tokens": 6}),
+    "topk": ({"policy": "topk", "blocks": [1, 3]}, {"topk_gather": 2}),
+    "topk fuse": ({"policy": "topk", "blocks": [1, 3], "fuse": True}, {"topk_gather": 2}),
+    "tome": ({"policy": "tome", "r": 8}, {"tome_merge": 6}),
+}
+FUSED_AWAY = {ref.cls_attention, ref.ats_scores, ref.ats_select, ref.packed_cls_scores, ref.ats_scores_from_norms,
+              ref.topk_select, ref.evit_fuse, ref.tome_match, ref.tome_merge, ref.varlen_attention,
+              ref.gather_packed, ref.gather_tokens, ref.unpack_padded}
+
+
+@pytest.fixture(scope="module")
+def deit():
+    return timm_model("deit_tiny_patch16_224", depth=6)
+
+
+def _tokenopt_ops(gm):
+    return sorted(str(n.target) for n in gm.graph.nodes if str(n.target).startswith("tokenopt."))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_each_chain_becomes_one_custom_op(deit, case):
+    options, expected = CASES[case]
+    gm = tokenopt.optimize(deit, kernels="reference", **options)
+    assert not _tokenopt_ops(gm)  # the reference path has no custom op
+    n_before = len(gm.graph.nodes)
+    result = FuseKernels("triton")(gm)
+    assert result.modified
+    counters = gm.meta["tokenopt.counters"]["fuse_kernels"]
+    assert counters == {"backend": "triton", "fused": expected}
+    got = {}
+    for name in _tokenopt_ops(gm):
+        key = name.split(".")[1]
+        got[key] = got.get(key, 0) + 1
+    assert got == expected
+    left = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in FUSED_AWAY]
+    assert not left, [n.format_node() for n in left]
+    assert len(gm.graph.nodes) < n_before
+    # the ops print by name in the generated code and keep their block and role
+    assert "torch.ops.tokenopt." in gm.code
+    for n in gm.graph.nodes:
+        if str(n.target).startswith("tokenopt."):
+            assert n.meta["tokenopt.provenance"]["pass"] == "fuse_kernels"
+            assert n.meta["tokenopt.block"] is not None
+    gm.graph.lint()
+
+
+def test_auto_keeps_the_reference_path_on_cpu(deit):
+    gm = tokenopt.optimize(deit, policy="tome", r=4)  # kernels="auto"
+    assert gm.meta["tokenopt.counters"]["fuse_kernels"] == {"backend": "reference", "fused": {}}
+    assert resolve_backend("auto", gm) == "reference"
+    assert not _tokenopt_ops(gm)
+
+
+def test_bad_backend_is_rejected(deit):
+    with pytest.raises(ValueError, match="kernels='cuda'.*auto, triton, reference"):
+        tokenopt.optimize(deit, policy="tome", kernels="cuda")
+
+
+def test_a_chain_whose_intermediate_is_used_elsewhere_is_left_alone(deit):
+    gm = tokenopt.optimize(deit, policy="topk", blocks=[2], kernels="reference")
+    cls = next(n for n in gm.graph.nodes if n.target is ref.cls_attention)
+    with gm.graph.inserting_after(cls):  # someone else reads the CLS attention row
+        extra = gm.graph.call_function(torch.ops.aten.sum.default, (cls,))
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    out.args = ((out.args[0], extra),)
+    gm.recompile()
+    FuseKernels("triton")(gm)
+    assert gm.meta["tokenopt.counters"]["fuse_kernels"]["fused"] == {"gather_tokens": 1}
+    assert any(n.target is ref.topk_select for n in gm.graph.nodes)
