@@ -57,3 +57,18 @@ def test_harness_on_a_small_subset():
     tome = tokenopt.optimize(model, policy="tome", r=40)
     reduced = fidelity(probe, base_test, extract_features(tome, test_x, batch_size=16, progress=False), test_y)
     assert reduced.cosine < same.cosine  # merging changed the features, and the harness sees it
+
+
+def test_probe_select_picks_the_penalty_that_generalises():
+    # 40 informative dims + 200 noise dims, 150 samples: a weak penalty overfits the noise
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(150) % 3
+    centers = torch.randn(3, 40, generator=gen)
+    feats = torch.cat([centers[labels] + 2.0 * torch.randn(150, 40, generator=gen),
+                       torch.randn(150, 200, generator=gen)], dim=1)
+    probe = LinearProbe.select(feats, labels)
+    assert probe.l2 in LinearProbe.L2_GRID and probe.l2 > LinearProbe.L2_GRID[0]
+    held = torch.arange(150) % 5 == 0
+    weakest = LinearProbe.fit(feats[~held], labels[~held], LinearProbe.L2_GRID[0])
+    chosen = LinearProbe.fit(feats[~held], labels[~held], probe.l2)
+    assert chosen.accuracy(feats[held], labels[held]) >= weakest.accuracy(feats[held], labels[held])

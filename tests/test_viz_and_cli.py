@@ -38,6 +38,12 @@ def test_plot_tokens_writes_a_png(model, tmp_path):
     assert os.path.getsize(path) > 10_000
 
 
+def tokenopt_probe_grid():
+    from tokenopt.fidelity import LinearProbe
+
+    return LinearProbe.L2_GRID
+
+
 def test_cli_bench_on_a_tiny_sample(tmp_path):
     pytest.importorskip("skimage")
     from tokenopt.cli import main
@@ -47,10 +53,14 @@ def test_cli_bench_on_a_tiny_sample(tmp_path):
         pytest.skip("Fashion-MNIST missing: apt-get install dataset-fashion-mnist")
     out = tmp_path / "bench"
     assert main(["bench", "--model", "deit_tiny_patch16_224", "--train", "32", "--test", "16", "--batch", "8",
-                 "--rounds", "1", "--policies", "topk", "tome", "--out", str(out)]) == 0
+                 "--rounds", "1", "--policies", "topk", "tome", "--budget", "tome:r=4", "tome:r=6",
+                 "--out", str(out)]) == 0
     data = json.loads((out / "bench.json").read_text())
     names = [r["variant"] for r in data["rows"]]
-    assert names == ["eager", "topk keep_rate=0.78", "tome r=18"]
+    assert names == ["eager", "topk keep_rate=0.78", "tome r=4", "tome r=6"]  # topk at its default budget
+    assert data["probe_l2"] in tokenopt_probe_grid()
+    saved = torch.load(out / "features.pt")
+    assert set(saved["test"]) == set(names) and saved["test"]["eager"].shape[0] == 16
     eager = data["rows"][0]
     assert eager["throughput_ratio"] == 1.0 and eager["cosine"] == pytest.approx(1.0)
     assert all(r["flops_ratio"] < 1.0 for r in data["rows"][1:])
