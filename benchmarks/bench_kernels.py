@@ -25,7 +25,7 @@ def _cases(device, dtype, b, n=197, h=6, d=64, generator=None):
     """(name, fused callable, reference callable) at batch ``b``, ``n`` tokens, ``h`` heads."""
     import torch
 
-    from tokenopt.kernels import ops, reference as ref
+    from tokenopt.kernels import fused, reference as ref
 
     def randn(*shape):
         return torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
@@ -60,15 +60,15 @@ def _cases(device, dtype, b, n=197, h=6, d=64, generator=None):
     flat = torch.nonzero(torch.rand(b * n, generator=generator) < 0.6).squeeze(1).to(device)
     tk = torch.ops.tokenopt
     return [
-        ("ats_select_dense", lambda: tk.ats_select_dense(q, k, v, scale, 1, n // 2, 8, None), ats_ref),
-        ("ats_select_packed", lambda: tk.ats_select_packed(pq, pk, pv, cu, scale, 1, n // 2, 8), ats_packed_ref),
-        ("topk_gather", lambda: tk.topk_gather(x, q, k, scale, keep, 1, True, None), topk_ref),
-        ("tome_merge", lambda: tk.tome_merge(x, k, None, 16, 1), tome_ref),
-        ("gather_packed", lambda: tk.gather_packed(x, flat), lambda: ref.gather_packed(x, flat)),
-        ("unpack_padded", lambda: tk.unpack_padded(pq, cu), lambda: ref.unpack_padded(pq, cu)),
-        ("varlen_attention", lambda: tk.varlen_attention(pq, pk, pv, cu, cu, scale),
+        ("ats_select_dense", lambda: tk.triton_ats_select_dense(q, k, v, scale, 1, n // 2, 8, None), ats_ref),
+        ("ats_select_packed", lambda: tk.triton_ats_select_packed(pq, pk, pv, cu, scale, 1, n // 2, 8), ats_packed_ref),
+        ("topk_gather", lambda: tk.triton_topk_gather(x, q, k, scale, keep, 1, True, None), topk_ref),
+        ("tome_merge", lambda: tk.triton_tome_merge(x, k, None, 16, 1), tome_ref),
+        ("gather_packed", lambda: tk.triton_gather_packed(x, flat), lambda: ref.gather_packed(x, flat)),
+        ("unpack_padded", lambda: tk.triton_unpack_padded(pq, cu), lambda: ref.unpack_padded(pq, cu)),
+        ("varlen_attention", lambda: tk.triton_varlen_attention(pq, pk, pv, cu, cu, scale),
          lambda: ref.varlen_attention(pq, pk, pv, cu, cu, scale)),
-    ], ops
+    ], fused
 
 
 def check(device: str, dtype, batches=(1, 3)) -> None:

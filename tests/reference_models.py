@@ -73,35 +73,55 @@ class Policy:
     prop_attn: bool = True
 
 
-def run_blocks(blocks: list[Block], x: torch.Tensor, num_prefix: int, pol: Policy):
-    """Run the blocks with the policy; returns (tokens, valid, size, per-block kept counts [B])."""
+def run_blocks(blocks: list[Block], x: torch.Tensor, num_prefix: int, pol):
+    """Run the blocks with the policy, or a list of policies applied in order (a composite); returns
+    (tokens, valid, size, per-block kept counts [B])."""
+    pols = list(pol) if isinstance(pol, (list, tuple)) else [pol]
     bias = valid = size = None
+    prop = False
     counts = {}
     for i, blk in enumerate(blocks):
         q, k, v = blk.qkv(blk.norm1(x))
-        if pol.kind == "ats" and i in pol.blocks:
+        ats = [p for p in pols if p.kind == "ats" and i in p.blocks]
+        if ats:
+            pol = ats[0]
             cls = ref.cls_attention(q, k, blk.scale, bias)
             scores = ref.ats_scores(cls, v, num_prefix, valid)
             idx, valid = ref.ats_select(scores, pol.max_tokens, pol.min_tokens, num_prefix, valid)
             o = F.scaled_dot_product_attention(ref.gather_tokens(q, idx, 2), k, v, attn_mask=bias, scale=blk.scale)
             x = ref.gather_tokens(x, idx, 1) + blk.ls1(blk.proj(o.transpose(1, 2).flatten(2)))
+            if size is not None:
+                size = ref.gather_tokens(size, idx, 1)
             bias = ref.valid_to_bias(valid, x.dtype)
+            if size is not None and prop:
+                bias = bias + ref.size_to_bias(size)
         else:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=blk.scale)
             x = x + blk.ls1(blk.proj(o.transpose(1, 2).flatten(2)))
-        if pol.kind == "topk" and i in pol.blocks:
-            cls = ref.cls_attention(q, k, blk.scale, bias)
-            patches = x.shape[1] - num_prefix
-            keep = min(patches, math.ceil(pol.keep_rate * patches))
-            idx = ref.topk_select(cls, keep, num_prefix)
-            kept = ref.gather_tokens(x, idx, 1)
-            if pol.fuse and keep < patches:
-                kept = torch.cat([kept, ref.evit_fuse(x, cls, idx, num_prefix)], dim=1)
-            x = kept
-        if pol.kind == "tome" and i in pol.blocks and pol.r > 0:
-            unm, src, dst = ref.tome_match(k.mean(1), pol.r, num_prefix)
-            x, size = ref.tome_merge(x, size, unm, src, dst, num_prefix)
-            bias = ref.size_to_bias(size) if pol.prop_attn else bias
+        for pol in pols:
+            if i not in pol.blocks:
+                continue
+            if pol.kind == "topk":
+                cls = ref.cls_attention(q, k, blk.scale, bias)
+                patches = x.shape[1] - num_prefix
+                keep = min(patches, math.ceil(pol.keep_rate * patches))
+                if keep == patches:
+                    continue
+                idx = ref.topk_select(cls, keep, num_prefix)
+                kept = ref.gather_tokens(x, idx, 1)
+                if size is not None:
+                    size = ref.gather_tokens(size, idx, 1)
+                if pol.fuse:
+                    kept = torch.cat([kept, ref.evit_fuse(x, cls, idx, num_prefix)], dim=1)
+                    if size is not None:
+                        size = torch.cat([size, torch.ones_like(size[:, :1])], dim=1)
+                x = kept
+                bias = ref.size_to_bias(size) if size is not None and prop else None
+            if pol.kind == "tome" and pol.r > 0:
+                unm, src, dst = ref.tome_match(k.mean(1), pol.r, num_prefix)
+                x, size = ref.tome_merge(x, size, unm, src, dst, num_prefix)
+                prop = prop or pol.prop_attn
+                bias = ref.size_to_bias(size) if prop else bias
         x = x + blk.ls2(blk.mlp(blk.norm2(x)))
         counts[i] = valid.sum(1) if valid is not None else torch.full((x.shape[0],), x.shape[1])
     return x, valid, size, counts

@@ -75,4 +75,4 @@ def test_cli_viz_and_explain(tmp_path, capsys):
     assert main(["viz", "--model", "deit_tiny_patch16_224", "--policy", "topk", "--out", str(png)]) == 0
     assert png.stat().st_size > 10_000
     assert main(["explain", "deit_tiny_patch16_224", "--policy", "topk", "--set", "keep_rate=0.5"]) == 0
-    assert "insert_topk" in capsys.readouterr().out
+    assert "realize_tokens" in capsys.readouterr().out

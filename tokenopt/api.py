@@ -11,10 +11,10 @@ from torch.fx.passes.shape_prop import ShapeProp
 from tokenopt.capture import capture
 from tokenopt.explain import block_listing, block_stats, token_counts
 from tokenopt.ir import META_BLOCK, MODEL_INFO
-from tokenopt.passes.reduce_tokens import RewriteError
 from tokenopt.passes import find_blocks
 from tokenopt.passes.fuse_kernels import FuseKernels, resolve_backend
-from tokenopt.pipeline import Pipeline
+from tokenopt.passes.realize import MODES, RealizeTokens, RewriteError
+from tokenopt.pipeline import Pipeline, ShapeCheckError
 from tokenopt.policies import PolicyConfig, make_config
 
 __all__ = ["optimize"]
@@ -22,9 +22,10 @@ __all__ = ["optimize"]
 
 def optimize(
     model: torch.nn.Module,
-    policy: Union[str, PolicyConfig] = "ats",
+    policy: Union[str, PolicyConfig, Sequence] = "ats",
     example_inputs: Optional[Sequence[Any]] = None,
     *,
+    mode: Optional[str] = None,
     kernels: str = "auto",
     **options: Any,
 ) -> fx.GraphModule:
@@ -32,9 +33,13 @@ def optimize(
 
     Args:
         model: a Vision Transformer; it is not modified.
-        policy: a policy alias (``"none"``, ...) or a config instance.
+        policy: a policy alias (``"none"``, ...), a config instance, or a list of them (run in one
+            graph, each deciding on the tokens the previous ones left).
         example_inputs: one call's positional inputs; a random batch of the model's configured image
             size when omitted. The result runs at any batch size.
+        mode: how decisions are executed (:mod:`tokenopt.passes.realize`): ``"padded"``, ``"masked"``
+            (nothing removed; differentiable) or ``"packed"`` (per-image counts, ragged). Default: what
+            the policy asks for (ATS: its ``mode``, packed), else ``"padded"``.
         kernels: ``"auto"`` swaps the reference token ops for fused Triton kernels when the model is on
             CUDA and Triton imports, ``"triton"`` always does, ``"reference"`` never
             (:mod:`tokenopt.passes.fuse_kernels`).
@@ -53,21 +58,38 @@ def optimize(
         >>> torch.testing.assert_close(gm(x), model(x))
     """
     config = make_config(policy, **options)
+    if mode is None:
+        mode = config.default_mode() or "padded"
+    if mode == "ragged":
+        mode = "packed"
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
     gm = capture(model, example_inputs)
     examples = gm.meta["tokenopt.example_inputs"]
-    find_blocks(gm)
-    gm.meta["tokenopt.captured_blocks"] = {
-        b.index: block_listing(gm, b.index) for b in gm.meta[MODEL_INFO].blocks
-    }
-    gm.meta["tokenopt.baseline_flops"] = sum(r["flops"] for r in block_stats(gm))
     resolve_backend(kernels, gm)  # reject a bad value before any rewriting
-    pipeline = Pipeline([*config.passes(), FuseKernels(kernels)], policy=config.name)
-    gm = pipeline.run(gm)
+    passes = [find_blocks, *config.passes()]
+    if len(passes) > 2:
+        passes.append(RealizeTokens(mode))
+    passes.append(FuseKernels(kernels))
+    pipeline = Pipeline(passes, policy=config.name, on_start=_record_baseline)
+    try:
+        gm = pipeline.run(gm)
+    except ShapeCheckError as exc:
+        raise _located_error(config, exc.node, exc.cause) from exc
     _check_on_example(gm, examples, config)
     gm.meta["tokenopt.example_token_counts"] = token_counts(gm, *examples)
     gm.meta["tokenopt.policy"] = config
     gm.meta["tokenopt.pass_records"] = pipeline.records
     return gm
+
+
+def _record_baseline(gm: fx.GraphModule, pass_name: str) -> None:
+    """After find_blocks: keep the captured blocks' listings and FLOPs, for explain."""
+    if pass_name == "find_blocks":
+        gm.meta["tokenopt.captured_blocks"] = {
+            b.index: block_listing(gm, b.index) for b in gm.meta[MODEL_INFO].blocks
+        }
+        gm.meta["tokenopt.baseline_flops"] = sum(r["flops"] for r in block_stats(gm))
 
 
 def _check_on_example(gm: fx.GraphModule, examples, config) -> None:
@@ -83,16 +105,19 @@ def _check_on_example(gm: fx.GraphModule, examples, config) -> None:
         with torch.no_grad():
             prop.propagate(*examples)
     except Exception as exc:
-        node = getattr(prop, "_tokenopt_node", None)
-        cause = exc.__cause__ or exc
-        raise RewriteError(
-            f"the graph rewritten for {config!r} fails on the example inputs"
-            + (f" at node {node.name} ({_where(node)})" if node is not None else "")
-            + f": {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}\n"
-            "A part of the model that is sized for the full token count (rotary or relative position "
-            "tables, fixed-size masks) usually causes this: reduce tokens only in blocks after it "
-            "(blocks=...) or choose a policy that keeps the count (policy='none')."
-        ) from exc
+        raise _located_error(config, getattr(prop, "_tokenopt_node", None), exc.__cause__ or exc) from exc
+
+
+def _located_error(config, node: Optional[fx.Node], cause: BaseException) -> RewriteError:
+    """The rewritten graph fails at ``node`` (on the example, or in fake-tensor propagation)."""
+    return RewriteError(
+        f"the graph rewritten for {config!r} fails on the example inputs"
+        + (f" at node {node.name} ({_where(node)})" if node is not None else "")
+        + f": {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}\n"
+        "A part of the model that is sized for the full token count (rotary or relative position "
+        "tables, fixed-size masks) usually causes this: reduce tokens only in blocks after it "
+        "(blocks=...) or choose a policy that keeps the count (policy='none')."
+    )
 
 
 def _where(node: fx.Node) -> str:

@@ -192,3 +192,51 @@ def stamp(node: fx.Node, **provenance: Any) -> fx.Node:
     if "block" in provenance and provenance["block"] is not None:
         node.meta.setdefault(META_BLOCK, provenance["block"])
     return node
+
+
+# --- the decision vocabulary ------------------------------------------------------------------------
+# A policy pass only decides; tokenopt.passes.realize executes. A decision is a small record of graph
+# nodes (inserted by the policy) in one of these forms, for one block and one site of that block:
+#   site "attn":      inside attention: only the chosen tokens go on as queries (ATS);
+#   site "post_attn": after the attention residual, before the MLP (top-k, EViT, ToMe).
+
+META_PLAN = "tokenopt.plan"  # gm.meta key: list[PlannedDecision], filled by the policy passes
+SITES = ("attn", "post_attn")
+
+
+@dataclass
+class Keep:
+    """Keep tokens ``idx`` ``[B, width]`` (indices into the current tokens of each image, prefix tokens
+    first). ``valid`` ``[B, width]`` marks real entries when the count varies per image (``None``: all
+    ``width`` are kept); valid entries form a prefix of each row. ``extra`` ``[B, E, C]``: tokens the
+    policy built and appends (EViT's fused token); post-attention site only."""
+
+    idx: fx.Node
+    width: int
+    valid: Optional[fx.Node] = None
+    extra: Optional[fx.Node] = None
+    extra_count: int = 0
+
+
+@dataclass
+class Merge:
+    """Merge tokens: token ``j`` of an image goes to slot ``slot[:, j]`` (``-1``: dropped) of
+    ``num_slots`` slots; a slot is the size-weighted mean of its tokens and its size their sum.
+    ``proportional``: later attention adds ``log(size)`` to the logits (ToMe's proportional attention)."""
+
+    slot: fx.Node
+    num_slots: int
+    proportional: bool = True
+
+
+@dataclass
+class PlannedDecision:
+    """One entry of the plan: ``decide(ctx)`` is called by the realisation pass with a
+    :class:`tokenopt.passes.realize.DecisionContext` for ``block`` at ``site`` and returns a
+    :class:`Keep`, a :class:`Merge` or None."""
+
+    block: int
+    site: str
+    policy: str
+    decide: Any
+    adaptive: bool = False

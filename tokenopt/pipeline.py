@@ -5,6 +5,10 @@ returning ``None`` counts as "modified in place". The pipeline runs passes in or
 
 * stamps ``node.meta[META_PROVENANCE] = {"pass": name, "policy": policy}`` on every node it created,
 * lints the graph and recompiles the module,
+* checks what it ``requires`` (facts an earlier pass ``ensures``: ``"model_info"`` from
+  ``find_blocks``, ``"plan"`` from the policy passes) and re-derives tensor facts after every pass
+  that changed the graph: ``node.meta["val"]`` by fake-tensor propagation from the inputs' symbolic
+  shapes, so what a later pass reads is true of the graph it sees,
 * on any exception raises :class:`PassError` naming the pass, the passes before it and, when the
   failure is tied to a node, that node.
 
@@ -32,9 +36,9 @@ from typing import Callable, Optional, Sequence, Union
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from tokenopt.ir import META_PROVENANCE
+from tokenopt.ir import META_PROVENANCE, MODEL_INFO
 
-__all__ = ["PassError", "PassRecord", "Pipeline", "register_pass", "get_pass", "registered_passes"]
+__all__ = ["PassError", "PassRecord", "Pipeline", "refresh_tensor_meta", "register_pass", "get_pass", "registered_passes"]
 
 PassFn = Callable[[fx.GraphModule], Optional[PassResult]]
 _REGISTRY: dict[str, PassFn] = {}
@@ -42,6 +46,14 @@ _REGISTRY: dict[str, PassFn] = {}
 
 class PassError(RuntimeError):
     """A pass failed; the message names it, the passes that ran before it and the node involved."""
+
+
+class ShapeCheckError(PassError):
+    """A rewritten graph's shapes no longer fit at ``node`` (found by fake-tensor propagation)."""
+
+    def __init__(self, message: str, node: Optional[fx.Node], cause: BaseException):
+        super().__init__(message)
+        self.node, self.cause = node, cause
 
 
 def register_pass(name: str) -> Callable[[PassFn], PassFn]:
@@ -92,13 +104,24 @@ class Pipeline:
     passes: Sequence[Union[str, PassFn]]
     policy: str = "custom"
     records: list[PassRecord] = field(default_factory=list)
+    on_start: Optional[Callable[[fx.GraphModule, str], None]] = None  # called after each pass, with its name
+    refresh: bool = True
 
     def run(self, gm: fx.GraphModule) -> fx.GraphModule:
         """Run every pass on ``gm`` in order; returns the resulting GraphModule."""
         done: list[str] = []
+        facts = set(gm.meta.get("tokenopt.facts", ()))
+        if MODEL_INFO in gm.meta:
+            facts.add("model_info")
         for p in self.passes:
             fn = get_pass(p) if isinstance(p, str) else p
             name = p if isinstance(p, str) else _pass_name(fn)
+            missing = [r for r in getattr(fn, "requires", ()) if r not in facts]
+            if missing:
+                ran = ", ".join(done) if done else "none"
+                raise PassError(f"pass {name!r} requires {', '.join(missing)}, which no pass before it ensures "
+                                f"(passes that ran before it: {ran}); 'model_info' comes from 'find_blocks', "
+                                "'plan' from a policy's decision pass")
             before = set(gm.graph.nodes)
             start = time.perf_counter()
             try:
@@ -112,18 +135,58 @@ class Pipeline:
                     prov.setdefault("policy", self.policy)
                 gm.graph.lint()
                 gm.recompile()
+                modified = result.modified if result is not None else True
             except PassError:
                 raise
             except Exception as exc:
+                if getattr(exc, "user_error", False):
+                    raise  # it already names the model part and the fix
                 node = getattr(exc, "node", None)
                 where = f" at node {node.name} ({node.format_node()})" if isinstance(node, fx.Node) else ""
                 ran = ", ".join(done) if done else "none"
                 raise PassError(
                     f"pass {name!r} failed{where}: {type(exc).__name__}: {exc}\n(passes that ran before it: {ran})"
                 ) from exc
-            modified = result.modified if result is not None else True
+            if modified and self.refresh:
+                refresh_tensor_meta(gm, name)
+            facts.update(getattr(fn, "ensures", ()))
+            gm.meta["tokenopt.facts"] = sorted(facts)
+            if self.on_start is not None:
+                self.on_start(gm, name)
             self.records.append(
                 PassRecord(name, modified, len(after - before), len(before - after), time.perf_counter() - start)
             )
             done.append(name)
         return gm
+
+
+def refresh_tensor_meta(gm: fx.GraphModule, after: str = "") -> None:
+    """Re-derive ``node.meta["val"]`` of every node by fake-tensor propagation from the placeholders'
+    recorded (symbolic) values. A graph whose shapes no longer fit raises :class:`ShapeCheckError`
+    naming the node."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    inputs = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    mode = next((v.fake_mode for v in inputs if isinstance(v, FakeTensor)), None)
+    if mode is None:
+        return
+    prev = mode.allow_non_fake_inputs
+    mode.allow_non_fake_inputs = True  # parameters are real tensors
+    class _Prop(FakeTensorProp):
+        def run_node(self, n):
+            self.current = n
+            return super().run_node(n)
+
+    prop = _Prop(gm, mode)
+    try:
+        prop.propagate_dont_convert_inputs(*inputs)
+    except Exception as exc:
+        node = getattr(prop, "current", None)
+        cause = exc.__cause__ or exc
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise ShapeCheckError(f"after pass {after!r} the graph's shapes do not fit at node "
+                              f"{node.name if node is not None else '?'}: {type(cause).__name__}: {first}",
+                              node, cause) from exc
+    finally:
+        mode.allow_non_fake_inputs = prev

@@ -13,8 +13,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from tokenopt.ir import META_ROLE, MODEL_INFO, ModelInfo
-from tokenopt.kernels import reference as ref
+from tokenopt.ir import MODEL_INFO, ModelInfo
 
 __all__ = ["token_sources", "plot_tokens"]
 
@@ -34,35 +33,35 @@ def token_sources(gm: fx.GraphModule, image: torch.Tensor) -> dict[int, torch.Te
         where = state["where"]
         alive = where >= 0
         state["where"] = torch.where(alive, new_pos[where.clamp(min=0)], -1)
-        state["tokens"] = int(new_pos.max()) + 1
+        state["tokens"] = int(new_pos.max()) + 1 if len(new_pos) else 0
 
-    def follow_selection(idx: torch.Tensor, valid: torch.Tensor) -> None:
-        new_pos = torch.full((state["tokens"],), -1, dtype=torch.long)
-        kept = idx[0][valid[0]]
+    def follow_keep(idx: torch.Tensor, valid) -> None:
+        kept = idx[0] if valid is None else idx[0][valid[0]]
+        new_pos = torch.full((max(state["tokens"], int(kept.max()) + 1),), -1, dtype=torch.long)
         new_pos[kept] = torch.arange(len(kept))
         remap(new_pos)
 
-    def follow_merge(unm: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
-        patches = state["tokens"] - p
-        n_b = patches // 2
-        new_pos = torch.full((state["tokens"],), -1, dtype=torch.long)
-        new_pos[:p] = torch.arange(p)
-        new_pos[p + 2 * unm] = p + torch.arange(len(unm))
-        new_pos[p + 2 * torch.arange(n_b) + 1] = p + len(unm) + torch.arange(n_b)
-        new_pos[p + 2 * src] = p + len(unm) + dst
-        remap(new_pos)
+    def follow_merge(slot: torch.Tensor) -> None:
+        remap(slot[0, :state["tokens"]])
+
+    decisions = gm.meta.get("tokenopt.decisions", [])
+    wanted = {d[k] for d in decisions for k in ("idx", "valid", "slot") if d.get(k)}
+    values: dict[str, torch.Tensor] = {}
+    by_block: dict[int, list[dict]] = {}
+    for d in decisions:
+        by_block.setdefault(d["block"], []).append(d)
 
     class _Follower(fx.Interpreter):
         def run_node(self, node):
             value = super().run_node(node)
-            role = node.meta.get(META_ROLE)
-            if role == "tokens.select":
-                follow_selection(value[0], value[1])
-            elif role == "tokens.idx" and node.target is ref.topk_select:
-                follow_selection(value, torch.ones_like(value, dtype=torch.bool))
-            elif role == "tokens.match":
-                follow_merge(*(t[0] for t in value))
+            if node.name in wanted:
+                values[node.name] = value
             if node in block_of_out:
+                for d in by_block.get(block_of_out[node], []):
+                    if d["kind"] == "keep":
+                        follow_keep(values[d["idx"]], values[d["valid"]] if d["valid"] else None)
+                    else:
+                        follow_merge(values[d["slot"]])
                 out[block_of_out[node]] = state["where"].clone()
             return value
 

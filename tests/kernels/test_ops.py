@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from tokenopt.kernels import ops, reference as ref  # noqa: F401  (registers torch.ops.tokenopt.*)
+from tokenopt.kernels import fused, reference as ref  # noqa: F401  (registers torch.ops.tokenopt.*)
 
 tk = torch.ops.tokenopt
 
@@ -45,7 +45,7 @@ def test_opcheck(name):
     tests = ("test_schema", "test_autograd_registration")
     if name not in DATA_DEPENDENT:
         tests += ("test_faketensor",)
-    torch.library.opcheck(getattr(tk, name), SAMPLES[name], test_utils=tests)
+    torch.library.opcheck(getattr(tk, "triton_" + name), SAMPLES[name], test_utils=tests)
 
 
 @pytest.mark.parametrize("name", sorted(DATA_DEPENDENT))
@@ -55,8 +55,8 @@ def test_data_dependent_fakes_trace_with_unbacked_sizes(name):
 
     with FakeTensorMode(shape_env=ShapeEnv()) as mode:
         args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in SAMPLES[name]]
-        out = getattr(tk, name)(*args)
-    real = getattr(tk, name)(*SAMPLES[name])
+        out = getattr(tk, "triton_" + name)(*args)
+    real = getattr(tk, "triton_" + name)(*SAMPLES[name])
     for o, r in zip(out, real):
         assert o.dtype == r.dtype and o.dim() == r.dim()
         assert o.shape[0] == r.shape[0]  # the batch is known, the kept/padded width is a symbol
@@ -66,22 +66,22 @@ def test_data_dependent_fakes_trace_with_unbacked_sizes(name):
 def test_ops_are_visible_to_torch_export():
     class Merge(torch.nn.Module):
         def forward(self, x, k):
-            return tk.tome_merge(x, k, None, 4, 1)[0].sum(-1)
+            return tk.triton_tome_merge(x, k, None, 4, 1)[0].sum(-1)
 
     x, k = SAMPLES["tome_merge"][:2]
     ep = torch.export.export(Merge(), (x, k))
-    assert any(n.target is tk.tome_merge.default for n in ep.graph.nodes)
+    assert any(n.target is tk.triton_tome_merge.default for n in ep.graph.nodes)
     torch.testing.assert_close(ep.module()(x, k), Merge()(x, k))
 
 
 def test_import_is_lazy_and_cpu_without_interpreter_is_refused():
     code = (
         "import sys, torch\n"
-        "import tokenopt, tokenopt.kernels.ops\n"
+        "import tokenopt, tokenopt.kernels.fused\n"
         "assert 'triton' not in sys.modules, 'importing the ops imported triton'\n"
         "x = torch.zeros(1, 4, 3)\n"
         "try:\n"
-        "    torch.ops.tokenopt.gather_packed(x, torch.tensor([1]))\n"
+        "    torch.ops.tokenopt.triton_gather_packed(x, torch.tensor([1]))\n"
         "except RuntimeError as e:\n"
         "    print(e)\n"
     )

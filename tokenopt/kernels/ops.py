@@ -1,116 +1,200 @@
-"""The fused token kernels as ``torch.library`` custom ops, namespace ``tokenopt``.
+"""The token ops every rewritten graph calls, as ``torch.library`` custom ops ``tokenopt::*``.
 
-Each op runs a Triton kernel (``tokenopt/kernels/triton/``) and equals a chain of the plain-PyTorch
-references in :mod:`tokenopt.kernels.reference` (named in its docstring), which the kernel tests hold
-it to. Every op has a fake (meta) implementation, so ``torch.compile`` and ``torch.export`` see
-shapes through it, and a rewritten graph prints it by name (``torch.ops.tokenopt.varlen_attention``).
-Ops whose output length depends on the data (ATS's kept count, the padded length of an unpack) give
-it as an unbacked symbolic size.
+Each op is one plain-PyTorch reference of :mod:`tokenopt.kernels.reference` (the specification; it
+runs on CPU and CUDA) behind a custom-op boundary, with
 
-Triton is imported when an op first runs, not when this module is imported: ``import tokenopt``
-works without Triton. The ops need CUDA tensors, or CPU tensors with ``TRITON_INTERPRET=1`` set before
-Triton was imported (how the tests run them on a machine without a GPU).
+* a fake implementation, so ``torch.export``, ``torch.compile(fullgraph=True)`` and fake-tensor
+  propagation see shapes through it (the one data-dependent size, the packed token count of
+  ``pack_index``, is an unbacked symbol);
+* autograd for the ops a training graph differentiates through (``DIFFERENTIABLE``): the backward
+  recomputes the reference under autograd, so gradients are the reference's by construction;
+* a decomposition into ATen ops registered in ``torch._decomp`` (:func:`decompositions`), which is how
+  ``torch.onnx.export(..., dynamo=True)`` lowers a rewritten graph to ONNX operators.
+
+On a GPU the fusion pass (:mod:`tokenopt.passes.fuse_kernels`) swaps chains of these ops for the Triton
+ops of :mod:`tokenopt.kernels.fused`. A graph holds one node per op, so a forward dispatches one op
+per token step (not the dozen ATen calls of its reference) and its host syncs are only those an op
+documents: ``pack_index`` reads one count back; no other op reads anything back.
 
 Example:
-    >>> import os, torch
-    >>> os.environ.setdefault("TRITON_INTERPRET", "1")  # no GPU here: Triton's interpreter on CPU
-    '1'
-    >>> import tokenopt.kernels.ops  # registers torch.ops.tokenopt.*
+    >>> import torch, tokenopt.kernels.ops  # registers torch.ops.tokenopt.*
     >>> x = torch.arange(12.0).view(1, 4, 3)
-    >>> torch.ops.tokenopt.gather_packed(x, torch.tensor([3, 0]))
+    >>> torch.ops.tokenopt.gather_tokens(x, torch.tensor([[3, 0]]), 1)
     tensor([[[ 9., 10., 11.],
              [ 0.,  1.,  2.]]])
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import os
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 from torch.library import custom_op, get_ctx
 
-__all__ = [
-    "triton_available",
-    "varlen_attention",
-    "gather_packed",
-    "unpack_padded",
-    "gather_tokens",
-    "ats_select_dense",
-    "ats_select_packed",
-    "topk_gather",
-    "tome_merge",
-]
+from tokenopt.kernels import reference as ref
+
+__all__ = ["REFERENCES", "DIFFERENTIABLE", "SYNCS", "decompositions"]
+
+#: op name -> the reference function it runs
+REFERENCES: dict[str, Callable] = {}
+#: ops with autograd (the tensor arguments gradients flow to)
+DIFFERENTIABLE: dict[str, tuple[int, ...]] = {}
+#: host reads per call, by design (every op not listed reads nothing back)
+SYNCS = {"pack_index": 1}
+#: ops on packed tokens (sizes that depend on values): no ATen decomposition is registered for them
+PACKED = {"pack_index", "gather_rows", "unpack", "packed_cls_attention", "varlen_attention", "packed_select",
+          "packed_mean"}
 
 
-def triton_available() -> bool:
-    """Whether Triton can be imported here (without importing it into this process's state twice)."""
-    return importlib.util.find_spec("triton") is not None
+def _fresh(out, inputs):
+    """Custom ops may not return their inputs (or views of them): copy those outputs."""
+    ids = {id(t) for t in inputs if isinstance(t, Tensor)}
+    bases = {id(t._base) for t in inputs if isinstance(t, Tensor) and t._base is not None} | ids
+
+    def fix(t):
+        if isinstance(t, Tensor) and (id(t) in ids or t._base is not None and id(t._base) in bases or t._base is not None):
+            return t.clone()
+        return t
+
+    return tuple(fix(t) for t in out) if isinstance(out, tuple) else fix(out)
 
 
-def _kernels(module: str, *tensors: Tensor):
-    """The Triton launcher module ``tokenopt.kernels.triton.<module>``, imported on first use."""
-    t = tensors[0]
-    if t.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError(
-            f"tokenopt Triton kernels run on CUDA tensors, got {t.device.type} tensors; on CPU run the graph "
-            "without fused kernels (tokenopt.optimize(..., kernels='reference')), or set TRITON_INTERPRET=1 "
-            "before importing triton to use Triton's (slow) CPU interpreter"
-        )
-    try:
-        return importlib.import_module(f"tokenopt.kernels.triton.{module}")
-    except ImportError as exc:
-        raise RuntimeError("tokenopt's fused kernels need Triton: pip install 'tokenopt[triton]'") from exc
+def _op(name: str, reference: Callable, grads: tuple[int, ...] = ()):
+    """Register ``fn`` (whose body calls ``reference``) as ``tokenopt::name``; ``grads``: the positions of
+    the tensor arguments it is differentiable in."""
+
+    def deco(fn):
+        op = custom_op(f"tokenopt::{name}", mutates_args=())(fn)
+        REFERENCES[name] = reference
+        if grads:
+            DIFFERENTIABLE[name] = grads
+            _autograd_from_reference(op, reference, grads)
+        return op
+
+    return deco
 
 
-# --- attention and data movement -----------------------------------------------------------------
+def _autograd_from_reference(op, reference: Callable, grads: tuple[int, ...]) -> None:
+    def setup_context(ctx, inputs, output):
+        ctx.inputs = inputs
+        ctx.save_for_backward(*[inputs[i] for i in grads])
+
+    def backward(ctx, *grad_out):
+        saved = ctx.saved_tensors
+        args = list(ctx.inputs)
+        wrt = []
+        with torch.enable_grad():
+            for i, t in zip(grads, saved):
+                if isinstance(t, Tensor) and t.is_floating_point():
+                    args[i] = t.detach().requires_grad_(True)
+                    wrt.append(i)
+            out = reference(*args)
+            outs = out if isinstance(out, tuple) else (out,)
+            pairs = [(o, g) for o, g in zip(outs, grad_out)
+                     if g is not None and isinstance(o, Tensor) and o.requires_grad]
+            got = torch.autograd.grad([o for o, _ in pairs], [args[i] for i in wrt], [g for _, g in pairs],
+                                      allow_unused=True) if pairs and wrt else [None] * len(wrt)
+        result = [None] * len(args)
+        for i, g in zip(wrt, got):
+            result[i] = g
+        return tuple(result)
+
+    op.register_autograd(backward, setup_context=setup_context)
 
 
-@custom_op("tokenopt::varlen_attention", mutates_args=())
-def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Optional[Tensor], scale: float) -> Tensor:
-    """Packed queries ``[1, H, Tq, D]``, each image over its own keys = ``reference.varlen_attention``."""
-    return _kernels("attention", q).varlen_attention(q, k, v, cu_q, cu_k, scale)
+def decompositions() -> dict:
+    """``{op overload: reference}`` for every tokenopt op: what ONNX export and ``run_decompositions`` use."""
+    return {getattr(torch.ops.tokenopt, name).default: fn for name, fn in REFERENCES.items()}
 
 
-@varlen_attention.register_fake
-def _(q, k, v, cu_q, cu_k, scale):
-    b, h, t, d = q.shape
-    return q.new_empty(b, t, h, d).transpose(1, 2)
+# --- scoring -----------------------------------------------------------------------------------------
 
 
-@custom_op("tokenopt::gather_packed", mutates_args=())
-def gather_packed(x: Tensor, flat: Tensor) -> Tensor:
-    """Rows ``flat`` of ``x`` into a packed buffer = ``reference.gather_packed``."""
-    return _kernels("gather", x).gather_packed(x, flat)
+@_op("cls_attention", ref.cls_attention_masked, grads=(0, 1))
+def cls_attention(q: Tensor, k: Tensor, scale: float, bias: Optional[Tensor] = None) -> Tensor:
+    """CLS-row softmax attention ``[B, H, N]`` = ``reference.cls_attention``."""
+    return ref.cls_attention_masked(q, k, scale, bias)
 
 
-@gather_packed.register_fake
-def _(x, flat):
-    if x.dim() == 3:
-        return x.new_empty(1, flat.shape[0], x.shape[2])
-    return x.new_empty(1, x.shape[1], flat.shape[0], x.shape[3])
+@cls_attention.register_fake
+def _(q, k, scale, bias=None):
+    return q.new_empty(q.shape[0], q.shape[1], k.shape[2])
 
 
-@custom_op("tokenopt::unpack_padded", mutates_args=())
-def unpack_padded(x: Tensor, cu: Tensor) -> tuple[Tensor, Tensor]:
-    """Packed -> padded ``[B, M, ...]`` and ``valid [B, M]`` = ``reference.unpack_padded``."""
-    return _kernels("gather", x).unpack_padded(x, cu)
+@_op("value_norms", ref.value_norms, grads=(0,))
+def value_norms(v: Tensor) -> Tensor:
+    """``[B, H, N, D]`` -> ``[B, N]`` value norms over heads = ``reference.value_norms``."""
+    return ref.value_norms(v)
 
 
-@unpack_padded.register_fake
-def _(x, cu):
-    b, m = cu.shape[0] - 1, get_ctx().new_dynamic_size()
-    shape = (b, m, x.shape[2]) if x.dim() == 3 else (b, x.shape[1], m, x.shape[3])
-    return x.new_empty(shape), x.new_empty(b, m, dtype=torch.bool)
+@value_norms.register_fake
+def _(v):
+    return v.new_empty(v.shape[0], v.shape[2], dtype=torch.float32)
 
 
-@custom_op("tokenopt::gather_tokens", mutates_args=())
+def _ats_ref(cls_attn, vnorm, num_prefix, num_samples, min_tokens, valid, width):
+    scores = ref.ats_scores_from_norms(cls_attn, vnorm, num_prefix, valid)
+    return ref.ats_select(scores, num_samples, min_tokens, num_prefix, valid, width)
+
+
+@_op("ats_select", _ats_ref)
+def ats_select(
+    cls_attn: Tensor, vnorm: Tensor, num_prefix: int, num_samples: int, min_tokens: int,
+    valid: Optional[Tensor], width: int,
+) -> tuple[Tensor, Tensor]:
+    """ATS scores and inverse-transform sampling -> ``(idx, valid) [B, P + width]`` =
+    ``reference.ats_scores_from_norms`` -> ``reference.ats_select(..., width)``."""
+    return _fresh(_ats_ref(cls_attn, vnorm, num_prefix, num_samples, min_tokens, valid, width), (valid,))
+
+
+@ats_select.register_fake
+def _(cls_attn, vnorm, num_prefix, num_samples, min_tokens, valid, width):
+    b, n = vnorm.shape
+    m = num_prefix + min(width, n - num_prefix)
+    return vnorm.new_empty(b, m, dtype=torch.long), vnorm.new_empty(b, m, dtype=torch.bool)
+
+
+@_op("topk_select", ref.topk_select)
+def topk_select(cls_attn: Tensor, keep: int, num_prefix: int) -> Tensor:
+    """EViT top-k indices ``[B, P + keep]`` = ``reference.topk_select``."""
+    return ref.topk_select(cls_attn, keep, num_prefix)
+
+
+@topk_select.register_fake
+def _(cls_attn, keep, num_prefix):
+    return cls_attn.new_empty(cls_attn.shape[0], num_prefix + keep, dtype=torch.long)
+
+
+@_op("evit_fuse", ref.evit_fuse, grads=(0, 1))
+def evit_fuse(x: Tensor, cls_attn: Tensor, idx: Tensor, num_prefix: int) -> Tensor:
+    """EViT's fused token ``[B, 1, C]`` = ``reference.evit_fuse``."""
+    return ref.evit_fuse(x, cls_attn, idx, num_prefix)
+
+
+@evit_fuse.register_fake
+def _(x, cls_attn, idx, num_prefix):
+    return x.new_empty(x.shape[0], 1, x.shape[2])
+
+
+@_op("tome_slots", ref.tome_slots)
+def tome_slots(metric: Tensor, r: int, num_prefix: int, active: Optional[int] = None) -> Tensor:
+    """ToMe bipartite matching as merge slots ``[B, N]`` = ``reference.tome_slots``."""
+    return ref.tome_slots(metric, r, num_prefix, active)
+
+
+@tome_slots.register_fake
+def _(metric, r, num_prefix, active=None):
+    return metric.new_empty(metric.shape[0], metric.shape[1], dtype=torch.long)
+
+
+# --- realisation: dense and padded -----------------------------------------------------------------
+
+
+@_op("gather_tokens", ref.gather_tokens, grads=(0,))
 def gather_tokens(x: Tensor, idx: Tensor, dim: int) -> Tensor:
-    """``x`` with only the tokens ``idx [B, M]`` along ``dim`` = ``reference.gather_tokens``."""
-    return _kernels("gather", x).gather_tokens(x, idx, dim)
+    """Tokens ``idx [B, M]`` along ``dim`` = ``reference.gather_tokens``."""
+    return ref.gather_tokens(x, idx, dim)
 
 
 @gather_tokens.register_fake
@@ -120,67 +204,177 @@ def _(x, idx, dim):
     return x.new_empty(shape)
 
 
-# --- scoring and selection -----------------------------------------------------------------------
+@_op("pad_indices", ref.pad_indices)
+def pad_indices(idx: Tensor, valid: Optional[Tensor], width: int) -> tuple[Tensor, Tensor]:
+    """``idx``/``valid`` widened to ``width`` = ``reference.pad_indices``."""
+    return _fresh(ref.pad_indices(idx, valid, width), (idx, valid))
 
 
-def _fake_selection(b, like: Tensor):
-    m = get_ctx().new_dynamic_size()
-    return like.new_empty(b, m, dtype=torch.long), like.new_empty(b, m, dtype=torch.bool)
+@pad_indices.register_fake
+def _(idx, valid, width):
+    return idx.new_empty(idx.shape[0], width), idx.new_empty(idx.shape[0], width, dtype=torch.bool)
 
 
-@custom_op("tokenopt::ats_select_dense", mutates_args=())
-def ats_select_dense(
-    q: Tensor, k: Tensor, v: Tensor, scale: float, num_prefix: int, num_samples: int, min_tokens: int,
-    valid: Optional[Tensor] = None,
-) -> tuple[Tensor, Tensor]:
-    """CLS-row scores, ATS sampling and the kept indices in one op =
-    ``cls_attention`` -> ``ats_scores`` -> ``ats_select`` (with ``valid_to_bias(valid)`` as bias)."""
-    return _kernels("select", q).ats_select_dense(q, k, v, scale, num_prefix, num_samples, min_tokens, valid)
+@_op("gather_valid", ref.gather_valid)
+def gather_valid(valid_in: Tensor, idx: Tensor, valid: Optional[Tensor]) -> Tensor:
+    """Validity of gathered tokens = ``reference.gather_valid``."""
+    return ref.gather_valid(valid_in, idx, valid)
 
 
-@ats_select_dense.register_fake
-def _(q, k, v, scale, num_prefix, num_samples, min_tokens, valid=None):
-    return _fake_selection(q.shape[0], q)
+@gather_valid.register_fake
+def _(valid_in, idx, valid):
+    return idx.new_empty(idx.shape, dtype=torch.bool)
 
 
-@custom_op("tokenopt::ats_select_packed", mutates_args=())
-def ats_select_packed(
-    q: Tensor, k: Tensor, v: Tensor, cu: Tensor, scale: float, num_prefix: int, num_samples: int, min_tokens: int
-) -> tuple[Tensor, Tensor]:
-    """The same on packed q/k/v = ``packed_cls_scores`` -> ``ats_scores_from_norms`` -> ``ats_select``."""
-    return _kernels("select", q).ats_select_packed(q, k, v, cu, scale, num_prefix, num_samples, min_tokens)
+@_op("token_bias", ref.token_bias)
+def token_bias(valid: Optional[Tensor], size: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+    """Key bias ``[B, 1, 1, N]`` from validity and merge sizes = ``reference.token_bias``."""
+    return ref.token_bias(valid, size, dtype)
 
 
-@ats_select_packed.register_fake
-def _(q, k, v, cu, scale, num_prefix, num_samples, min_tokens):
-    return _fake_selection(cu.shape[0] - 1, q)
+@token_bias.register_fake
+def _(valid, size, dtype):
+    like = valid if valid is not None else size
+    return like.new_empty(like.shape[0], 1, 1, like.shape[1], dtype=dtype)
 
 
-@custom_op("tokenopt::topk_gather", mutates_args=())
-def topk_gather(
-    x: Tensor, q: Tensor, k: Tensor, scale: float, keep: int, num_prefix: int, fuse: bool,
-    bias: Optional[Tensor] = None,
+@_op("merge_tokens", ref.merge_tokens, grads=(0, 1))
+def merge_tokens(x: Tensor, size: Optional[Tensor], slot: Tensor, num_slots: int) -> tuple[Tensor, Tensor]:
+    """Size-weighted merge into slots = ``reference.merge_tokens``."""
+    return ref.merge_tokens(x, size, slot, num_slots)
+
+
+@merge_tokens.register_fake
+def _(x, size, slot, num_slots):
+    return x.new_empty(x.shape[0], num_slots, x.shape[2]), x.new_empty(x.shape[0], num_slots, 1)
+
+
+@_op("slots_valid", ref.slots_valid)
+def slots_valid(slot: Tensor, num_slots: int, valid_in: Optional[Tensor] = None) -> Tensor:
+    """Which merge slots hold a token = ``reference.slots_valid``."""
+    return ref.slots_valid(slot, num_slots, valid_in)
+
+
+@slots_valid.register_fake
+def _(slot, num_slots, valid_in=None):
+    return slot.new_empty(slot.shape[0], num_slots, dtype=torch.bool)
+
+
+@_op("weighted_mean", ref.weighted_mean, grads=(0,))
+def weighted_mean(x: Tensor, valid: Optional[Tensor], size: Optional[Tensor], start: int, end: Optional[int]) -> Tensor:
+    """Pooling over valid tokens weighted by size = ``reference.weighted_mean``."""
+    return ref.weighted_mean(x, valid, size, start, end)
+
+
+@weighted_mean.register_fake
+def _(x, valid, size, start, end):
+    return x.new_empty(x.shape[0], x.shape[2])
+
+
+# --- realisation: packed ---------------------------------------------------------------------------
+
+
+@_op("pack_index", ref.pack_index)
+def pack_index(idx: Tensor, valid: Tensor, cu_in: Optional[Tensor], length: int) -> tuple[Tensor, Tensor]:
+    """Kept positions -> packed rows ``flat [T]`` and offsets ``cu [B + 1]`` = ``reference.pack_index``
+    (reads ``T`` back: the one host sync of a packed reduction)."""
+    return ref.pack_index(idx, valid, cu_in, length)
+
+
+@pack_index.register_fake
+def _(idx, valid, cu_in, length):
+    t = get_ctx().new_dynamic_size()
+    return idx.new_empty(t, dtype=torch.long), idx.new_empty(idx.shape[0] + 1, dtype=torch.long)
+
+
+@_op("gather_rows", ref.gather_packed, grads=(0,))
+def gather_rows(x: Tensor, flat: Tensor) -> Tensor:
+    """Rows ``flat`` of a dense or packed buffer into a packed one = ``reference.gather_packed``."""
+    return ref.gather_packed(x, flat)
+
+
+@gather_rows.register_fake
+def _(x, flat):
+    if x.dim() == 3:
+        return x.new_empty(1, flat.shape[0], x.shape[2])
+    return x.new_empty(1, x.shape[1], flat.shape[0], x.shape[3])
+
+
+@_op("unpack", ref.unpack, grads=(0,))
+def unpack(x: Tensor, cu: Tensor, capacity: int) -> tuple[Tensor, Tensor]:
+    """Packed -> padded to ``capacity`` = ``reference.unpack``."""
+    return ref.unpack(x, cu, capacity)
+
+
+@unpack.register_fake
+def _(x, cu, capacity):
+    b = cu.shape[0] - 1
+    shape = (b, capacity, x.shape[2]) if x.dim() == 3 else (b, x.shape[1], capacity, x.shape[3])
+    return x.new_empty(shape), x.new_empty(b, capacity, dtype=torch.bool)
+
+
+@_op("packed_cls_attention", ref.packed_cls_attention)
+def packed_cls_attention(
+    q: Tensor, k: Tensor, v: Tensor, cu: Tensor, capacity: int, scale: float, size: Optional[Tensor] = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """CLS attention and value norms of packed tokens, padded to ``capacity`` = ``reference.packed_cls_attention``."""
+    return ref.packed_cls_attention(q, k, v, cu, capacity, scale, size)
+
+
+@packed_cls_attention.register_fake
+def _(q, k, v, cu, capacity, scale, size=None):
+    b, h = cu.shape[0] - 1, q.shape[1]
+    return (q.new_empty(b, h, capacity, dtype=torch.float32), q.new_empty(b, capacity, dtype=torch.float32),
+            q.new_empty(b, capacity, dtype=torch.bool))
+
+
+@_op("varlen_attention", ref.varlen_attention_padded, grads=(0, 1, 2))
+def varlen_attention(
+    q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Optional[Tensor], cap_q: int, cap_k: int, scale: float,
+    key_bias: Optional[Tensor] = None,
 ) -> Tensor:
-    """EViT top-k: ``cls_attention`` -> ``topk_select`` -> ``gather_tokens`` (+ ``evit_fuse``)."""
-    return _kernels("select", x).topk_gather(x, q, k, scale, keep, num_prefix, fuse, bias)
+    """Packed queries, each image over its own keys = ``reference.varlen_attention_padded``."""
+    return ref.varlen_attention_padded(q, k, v, cu_q, cu_k, cap_q, cap_k, scale, key_bias)
 
 
-@topk_gather.register_fake
-def _(x, q, k, scale, keep, num_prefix, fuse, bias=None):
-    extra = 1 if fuse and keep < x.shape[1] - num_prefix else 0
-    return x.new_empty(x.shape[0], num_prefix + keep + extra, x.shape[2])
+@varlen_attention.register_fake
+def _(q, k, v, cu_q, cu_k, cap_q, cap_k, scale, key_bias=None):
+    return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
 
 
-@custom_op("tokenopt::tome_merge", mutates_args=())
-def tome_merge(x: Tensor, k: Tensor, size: Optional[Tensor], r: int, num_prefix: int) -> tuple[Tensor, Tensor]:
-    """ToMe: ``mean(k, heads)`` -> ``tome_match`` -> ``tome_merge``, returning ``(x', size')``."""
-    return _kernels("tome", x).tome_merge_fused(x, k, size, r, num_prefix)
+@_op("packed_select", ref.packed_select, grads=(0,))
+def packed_select(x: Tensor, cu: Tensor, index: int) -> Tensor:
+    """Prefix token ``index`` of every image of a packed buffer = ``reference.packed_select``."""
+    return ref.packed_select(x, cu, index)
 
 
-@tome_merge.register_fake
-def _(x, k, size, r, num_prefix):
-    b, n, c = x.shape
-    a = (n - num_prefix + 1) // 2
-    n_out = n - min(r, a)
-    dtype = x.dtype if size is None else torch.promote_types(x.dtype, size.dtype)  # as x * size does
-    return x.new_empty(b, n_out, c, dtype=dtype), x.new_empty(b, n_out, 1, dtype=dtype)
+@packed_select.register_fake
+def _(x, cu, index):
+    return x.new_empty(cu.shape[0] - 1, x.shape[2])
+
+
+@_op("packed_mean", ref.packed_weighted_mean, grads=(0,))
+def packed_mean(x: Tensor, cu: Tensor, size: Optional[Tensor], start: int, end: Optional[int]) -> Tensor:
+    """Per-image (size-weighted) mean of a packed buffer = ``reference.packed_weighted_mean``."""
+    return ref.packed_weighted_mean(x, cu, size, start, end)
+
+
+@packed_mean.register_fake
+def _(x, cu, size, start, end):
+    return x.new_empty(cu.shape[0] - 1, x.shape[2])
+
+
+def _register_decompositions() -> None:
+    """Into ``torch._decomp.decomposition_table`` (read by ONNX export), except the packed ops: their
+    sizes depend on values, so they must keep their fake implementation (an unbacked size) under
+    symbolic shapes, where fake-tensor propagation would otherwise run the decomposition. Packed graphs
+    are adaptive and do not export to ONNX anyway."""
+    from torch._decomp import decomposition_table
+
+    for name, fn in REFERENCES.items():
+        if name not in PACKED:
+            op = getattr(torch.ops.tokenopt, name).default
+            decomposition_table.setdefault(op, fn)
+
+
+_register_decompositions()

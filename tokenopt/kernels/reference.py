@@ -74,12 +74,13 @@ def ats_scores(
 def _indices_of(keep: torch.Tensor, num_prefix: int, width: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Kept patch-token mask ``[B, Np]`` -> (idx ``[B, P + M]`` with prefix first, valid ``[B, P + M]``).
 
-    ``M`` is the batch's largest kept count (or ``width``); shorter rows are padded with index 0
-    (a prefix token, harmless to gather) and ``valid=False``.
+    ``M`` is ``width`` (a static capacity: no host read) or, when None, the batch's largest kept count
+    (one host read); shorter rows are padded with index 0 (a prefix token, harmless to gather) and
+    ``valid=False``. Valid entries always form a prefix of each row.
     """
     b, n = keep.shape
     counts = keep.sum(dim=1)
-    m = int(counts.max()) if width is None and b > 0 else (width or 0)
+    m = min(width, n) if width is not None else (int(counts.max()) if b > 0 else 0)
     # kept tokens first, each group in original order (stable sort)
     order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :m]
     valid_patch = torch.arange(m, device=keep.device)[None, :] < counts[:, None]
@@ -91,9 +92,12 @@ def _indices_of(keep: torch.Tensor, num_prefix: int, width: Optional[int] = None
 
 
 def ats_select(
-    scores: torch.Tensor, num_samples: int, min_tokens: int, num_prefix: int, valid: Optional[torch.Tensor] = None
+    scores: torch.Tensor, num_samples: int, min_tokens: int, num_prefix: int, valid: Optional[torch.Tensor] = None,
+    width: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """ATS inverse-transform sampling: ``(idx, valid)`` padded to the batch's largest kept count.
+    """ATS inverse-transform sampling: ``(idx, valid)`` padded to ``width`` patch tokens (a static
+    capacity, ``max(num_samples, min_tokens)`` is always enough) or, when None, to the batch's largest
+    kept count.
 
     Sort the scores, build their CDF, take ``num_samples`` evenly spaced points ``(i + 0.5) / K`` in
     (0, 1) and keep the token whose CDF step covers each point; repeated picks collapse, so each
@@ -125,7 +129,7 @@ def ats_select(
         if valid is not None:
             top &= valid[:, num_prefix:]
         keep |= top & (keep.sum(1, keepdim=True) < min_tokens)
-    return _indices_of(keep, num_prefix)
+    return _indices_of(keep, num_prefix, width)
 
 
 def topk_select(cls_attn: torch.Tensor, keep: int, num_prefix: int) -> torch.Tensor:
@@ -393,3 +397,252 @@ def scatter_keep(idx: torch.Tensor, valid: torch.Tensor, n: int) -> torch.Tensor
     keep = torch.zeros(idx.shape[0], n, dtype=torch.bool, device=idx.device)
     # padding points at token 0, a prefix token that is always kept
     return keep.scatter_(1, torch.where(valid, idx, 0), True)
+
+
+# --- token machinery: sync-free forms used by the realisation pass (tokenopt.passes.realize) -------
+# Every function below reads no value back to the host: sizes come from shapes and static ints, so
+# a graph built from them runs without device-to-host synchronisation and compiles whole.
+
+
+def token_bias(valid: Optional[torch.Tensor], size: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """Additive key bias ``[B, 1, 1, N]``: ``-inf`` on invalid tokens, ``log(size)`` for merged ones
+    (ToMe's proportional attention), 0 otherwise. At least one of ``valid``/``size`` is given."""
+    if size is not None:
+        bias = size[..., 0].log().to(dtype)
+        if valid is not None:
+            bias = bias.masked_fill(~valid, float("-inf"))
+    else:
+        bias = torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill(~valid, float("-inf"))
+    return bias[:, None, None, :]
+
+
+def cls_attention_masked(q: torch.Tensor, k: torch.Tensor, scale: float, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:func:`cls_attention` with a bias that may hold ``-inf``: the float32 softmax row ``[B, H, N]``."""
+    return cls_attention(q, k, scale, bias)
+
+
+def value_norms(v: torch.Tensor) -> torch.Tensor:
+    """Norm of each token's value over all heads: ``[B, H, N, D]`` -> ``[B, N]`` (float32)."""
+    return torch.linalg.vector_norm(v.float(), dim=(1, 3))
+
+
+def pad_indices(idx: torch.Tensor, valid: Optional[torch.Tensor], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Widen ``idx``/``valid`` ``[B, M]`` to ``[B, width]`` (index 0, invalid) for the masked realisation."""
+    b, m = idx.shape
+    if valid is None:
+        valid = torch.ones_like(idx, dtype=torch.bool)
+    if width == m:
+        return idx, valid
+    pad = width - m
+    return (torch.cat([idx, idx.new_zeros(b, pad)], 1),
+            torch.cat([valid, valid.new_zeros(b, pad)], 1))
+
+
+def gather_valid(valid_in: Optional[torch.Tensor], idx: torch.Tensor, valid: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Validity of the gathered tokens: the decision's ``valid`` and the incoming one at ``idx``."""
+    if valid_in is None:
+        return valid
+    kept = torch.gather(valid_in, 1, idx)
+    return kept if valid is None else kept & valid
+
+
+def tome_slots(metric: torch.Tensor, r: int, num_prefix: int, active: Optional[int] = None) -> torch.Tensor:
+    """ToMe's bipartite soft matching as a merge decision: the output slot of every token ``[B, N]``.
+
+    On the first ``active`` tokens (all when None; the rest are padding and get slot -1): prefix
+    tokens keep slots ``0..P-1``; the unmerged A tokens follow in order, then the B tokens; each merged
+    A token takes its B partner's slot. The slot order is ToMe's ``[prefix, unmerged A, B]``
+    (:func:`tome_match`), so later blocks match exactly as ToMe does.
+    """
+    bsz, n = metric.shape[:2]
+    active = n if active is None else active
+    unm, src, dst = tome_match(metric[:, :active], r, num_prefix)
+    na = (active - num_prefix + 1) // 2
+    nb = (active - num_prefix) // 2
+    n_unm = unm.shape[1]
+    a_slot = torch.empty(bsz, na, dtype=torch.long, device=metric.device)
+    a_slot.scatter_(1, unm, torch.arange(n_unm, device=metric.device).expand(bsz, n_unm) + num_prefix)
+    a_slot.scatter_(1, src, dst + num_prefix + n_unm)
+    b_slot = (torch.arange(nb, device=metric.device) + num_prefix + n_unm).expand(bsz, nb)
+    patch = torch.stack([a_slot[:, :nb], b_slot], dim=2).flatten(1)  # A, B alternate from the first patch
+    if na > nb:
+        patch = torch.cat([patch, a_slot[:, nb:]], 1)
+    prefix = torch.arange(num_prefix, device=metric.device).expand(bsz, num_prefix)
+    tail = torch.full((bsz, n - active), -1, dtype=torch.long, device=metric.device)
+    return torch.cat([prefix, patch, tail], 1)
+
+
+def merge_tokens(
+    x: torch.Tensor, size: Optional[torch.Tensor], slot: torch.Tensor, num_slots: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Size-weighted merge into ``num_slots`` slots: token ``j`` goes to ``slot[:, j]`` (-1: dropped).
+
+    Returns ``(x' [B, S, C], size' [B, S, 1])``; ``x'`` of a slot is the size-weighted mean of its tokens,
+    ``size'`` their total size; an empty slot holds zeros and size 0. Written with ``scatter_add``
+    (ONNX ``ScatterElements(add)``), not ``scatter_reduce(mean)``, which ONNX lacks.
+    """
+    bsz, n, c = x.shape
+    if size is None:
+        size = torch.ones(bsz, n, 1, dtype=x.dtype, device=x.device)
+    size = size.to(x.dtype)
+    live = slot >= 0
+    w = torch.where(live[..., None], size, 0)
+    xs = torch.cat([torch.where(live[..., None], x, 0) * w, w], dim=-1)
+    index = slot.clamp(min=0)[..., None].expand(bsz, n, c + 1)
+    out = torch.zeros(bsz, num_slots, c + 1, dtype=x.dtype, device=x.device).scatter_add(1, index, xs)
+    new_size = out[..., c:]
+    return out[..., :c] / new_size.clamp_min(torch.finfo(x.dtype).tiny), new_size
+
+
+def slots_valid(slot: torch.Tensor, num_slots: int, valid_in: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``[B, S]`` bool: which of the ``num_slots`` merge slots received a (valid) token."""
+    live = slot >= 0
+    if valid_in is not None:
+        live = live & valid_in
+    out = torch.zeros(slot.shape[0], num_slots, dtype=torch.long, device=slot.device)
+    return out.scatter_add(1, slot.clamp(min=0), live.long()) > 0
+
+
+def pack_index(
+    idx: torch.Tensor, valid: torch.Tensor, cu_in: Optional[torch.Tensor], length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kept positions ``idx``/``valid`` ``[B, M]`` (valid a prefix of each row) -> ``(flat [T], cu [B + 1])``.
+
+    ``idx`` indexes each image's own tokens: a dense buffer of ``length`` tokens per image when
+    ``cu_in`` is None, else the packed segments ``cu_in`` describes. ``T`` (the total kept count) is
+    the one value read back to the host: the packed buffer's size depends on the data.
+    """
+    b, m = idx.shape
+    counts = valid.sum(dim=1)
+    cu = torch.zeros(b + 1, dtype=torch.long, device=idx.device)
+    cu[1:] = torch.cumsum(counts, dim=0)
+    total = int(cu[-1]) if b > 0 else 0  # the host read
+    t = torch.arange(total, device=idx.device)
+    seg = torch.searchsorted(cu, t, right=True) - 1
+    pos = t - cu[seg]
+    offsets = cu_in[:-1] if cu_in is not None else torch.arange(b, device=idx.device) * length
+    flat = offsets[seg] + idx[seg, pos]
+    return flat, cu
+
+
+def _segments(cu: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of each image's tokens in a packed buffer, padded to ``capacity``: ``(rows, valid) [B, cap]``."""
+    lengths = cu[1:] - cu[:-1]
+    pos = torch.arange(capacity, device=cu.device)
+    valid = pos[None, :] < lengths[:, None]
+    rows = cu[:-1, None] + pos[None, :]
+    return torch.where(valid, rows, 0), valid
+
+
+def unpack(x: torch.Tensor, cu: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed ``[1, T, C]`` / ``[1, H, T, D]`` -> padded ``[B, cap, C]`` / ``[B, H, cap, D]`` and ``valid [B, cap]``.
+
+    ``capacity`` bounds every image's count (a static int), so nothing is read back to the host.
+    Padding is written with ``where`` (never by multiplying, so a NaN cannot leak between images).
+    """
+    rows, valid = _segments(cu, capacity)
+    if x.shape[-2 if x.dim() == 4 else 1] == 0:
+        rows = torch.zeros_like(rows)
+        x = torch.nn.functional.pad(x, (0, 0, 0, 1))
+    if x.dim() == 3:
+        return torch.where(valid[..., None], x[0][rows], 0), valid
+    return torch.where(valid[:, None, :, None], x[0][:, rows].permute(1, 0, 2, 3), 0), valid
+
+
+def repack(x: torch.Tensor, cu: torch.Tensor, total: int) -> torch.Tensor:
+    """Padded ``[B, cap, C]`` / ``[B, H, cap, D]`` -> packed ``[1, T, C]`` / ``[1, H, T, D]`` with ``T = total``."""
+    t = torch.arange(total, device=cu.device)
+    seg = torch.searchsorted(cu, t, right=True) - 1
+    pos = t - cu[seg]
+    if x.dim() == 3:
+        return x[seg, pos].unsqueeze(0)
+    return x[seg, :, pos].transpose(0, 1).unsqueeze(0)
+
+
+def packed_cls_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, capacity: int, scale: float,
+    size: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CLS-row attention and value norms of packed tokens, padded to ``capacity``, without unpacking k/v.
+
+    ``q, k, v`` packed ``[1, H, T, D]`` with each image's CLS token first in its segment; ``size``
+    packed ``[1, T, 1]`` (proportional attention) or None. Returns ``(cls_attn [B, H, cap] float32,
+    vnorm [B, cap] float32, valid [B, cap])``, what :func:`cls_attention` / :func:`value_norms` give on
+    the unpacked tensors: one ``[H, T, B]`` matmul and ``[B, cap]`` table reads.
+    """
+    rows, valid = _segments(cu, capacity)
+    b = rows.shape[0]
+    q_cls = q[0][:, cu[:-1].clamp(max=max(q.shape[2] - 1, 0))]  # [H, B, D]
+    logits = torch.matmul(k[0], q_cls.transpose(1, 2))  # [H, T, B]: every key against every CLS query
+    logits = logits[:, rows, torch.arange(b, device=cu.device)[:, None]].float() * scale  # [H, B, cap]
+    if size is not None:
+        logits = logits + size[0, :, 0].float().log()[rows]
+    logits = torch.where(valid, logits, float("-inf"))
+    cls_attn = torch.softmax(logits, dim=-1).transpose(0, 1)
+    vnorm = torch.linalg.vector_norm(v[0].float(), dim=(0, 2))[rows]
+    return torch.where(valid[:, None], cls_attn, 0), torch.where(valid, vnorm, 0), valid
+
+
+def varlen_attention_padded(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: Optional[torch.Tensor],
+    cap_q: int, cap_k: int, scale: float, key_bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Attention of packed queries ``[1, H, Tq, D]``, each image over its own keys, with no host read.
+
+    Keys/values are packed ``[1, H, Tk, D]`` with offsets ``cu_k`` (at most ``cap_k`` per image), or
+    dense ``[B, H, N, D]`` when ``cu_k`` is None. The queries and keys of each image are laid out in a
+    ``[B, H, cap, D]`` batch (``cap_*`` are static bounds), attended with padding keys masked, and the
+    rows packed back. ``key_bias`` ``[B, 1, 1, Nk]`` (dense keys) is added to the logits.
+    """
+    t = q.shape[2]
+    qp, _ = unpack(q, cu_q, cap_q)
+    if cu_k is None:
+        kp, vp, bias = k, v, key_bias
+    else:
+        kp, kvalid = unpack(k, cu_k, cap_k)
+        vp, _ = unpack(v, cu_k, cap_k)
+        bias = torch.zeros(kvalid.shape, dtype=q.dtype, device=q.device).masked_fill(~kvalid, float("-inf"))[:, None, None]
+    logits = torch.matmul(qp, kp.transpose(-2, -1)).float() * scale
+    if bias is not None:
+        logits = logits + bias
+    o = torch.matmul(torch.softmax(logits, dim=-1).nan_to_num(0.0).to(vp.dtype), vp)  # [B, H, cap_q, D]
+    return repack(o, cu_q, t)
+
+
+def packed_select(x: torch.Tensor, cu: torch.Tensor, index: int) -> torch.Tensor:
+    """Token ``index`` of every image in packed ``[1, T, C]`` -> ``[B, C]`` (a prefix token: always present)."""
+    return x[0, cu[:-1] + index]
+
+
+def packed_weighted_mean(
+    x: torch.Tensor, cu: torch.Tensor, size: Optional[torch.Tensor], start: int, end: Optional[int]
+) -> torch.Tensor:
+    """Per-image mean of packed ``[1, T, C]`` over each image's tokens ``start:end`` -> ``[B, C]``,
+    weighted by ``size`` (``[1, T, 1]``) when given."""
+    lengths = cu[1:] - cu[:-1]
+    b, t = lengths.shape[0], x.shape[1]
+    seg = torch.searchsorted(cu, torch.arange(t, device=x.device), right=True) - 1
+    pos = torch.arange(t, device=x.device) - cu[:-1][seg]
+    keep = pos >= start
+    if end is not None:
+        keep &= pos < (end if end >= 0 else lengths[seg] + end)
+    w = keep.to(x.dtype)
+    if size is not None:
+        w = w * size[0, :, 0].to(x.dtype)
+    sums = torch.zeros(b, x.shape[2], dtype=x.dtype, device=x.device).index_add(0, seg, x[0] * w[:, None])
+    counts = torch.zeros(b, dtype=x.dtype, device=x.device).index_add(0, seg, w)
+    return sums / counts.clamp_min(torch.finfo(x.dtype).tiny)[:, None]
+
+
+def weighted_mean(
+    x: torch.Tensor, valid: Optional[torch.Tensor], size: Optional[torch.Tensor], start: int = 0, end: Optional[int] = None
+) -> torch.Tensor:
+    """Mean over the valid tokens of ``x[:, start:end]``, weighted by ``size`` when given: what a
+    pooling head computed over the original patches."""
+    xs = x[:, start:end]
+    w = torch.ones(xs.shape[:2] + (1,), dtype=x.dtype, device=x.device)
+    if size is not None:
+        w = size[:, start:end].to(x.dtype)
+    if valid is not None:
+        w = torch.where(valid[:, start:end, None], w, 0)
+    return torch.where(w > 0, xs, 0).mul(w).sum(1) / w.sum(1).clamp_min(torch.finfo(x.dtype).tiny)

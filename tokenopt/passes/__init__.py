@@ -2,7 +2,8 @@
 
 from tokenopt.passes.find_blocks import BlockStructureError, NoAttentionError, find_blocks, get_model_info
 from tokenopt.passes.canonicalize import canonicalize_attention
-from tokenopt.passes.reduce_tokens import InsertATS, InsertToMe, InsertTopK, RewriteError, retarget_token_sizes
+from tokenopt.passes.realize import MODES, DecisionContext, RealizeTokens, RewriteError
+from tokenopt.passes.retarget import retarget_token_sizes
 from tokenopt.passes.fuse_kernels import FuseKernels, fuse_kernels
 from tokenopt.pipeline import register_pass
 
@@ -12,6 +13,6 @@ register_pass("fuse_kernels")(fuse_kernels)
 
 __all__ = [
     "BlockStructureError", "NoAttentionError", "RewriteError", "find_blocks", "get_model_info",
-    "canonicalize_attention", "InsertATS", "InsertTopK", "InsertToMe", "retarget_token_sizes",
+    "canonicalize_attention", "MODES", "DecisionContext", "RealizeTokens", "retarget_token_sizes",
     "FuseKernels", "fuse_kernels",
 ]

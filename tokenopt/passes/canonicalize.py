@@ -96,7 +96,16 @@ def canonicalize_attention(gm: fx.GraphModule) -> PassResult:
         done += 1
     gm.graph.eliminate_dead_code()
     gm.meta.setdefault("tokenopt.counters", {})["canonicalize_attention"] = {"sdpa": done, "masks_dropped": dropped}
+    if done + dropped:  # model facts are re-derived from the rewritten graph, not patched
+        gm.recompile()
+        from tokenopt.passes.find_blocks import find_blocks
+
+        find_blocks(gm)
     return PassResult(gm, done + dropped > 0)
+
+
+canonicalize_attention.requires = ("model_info",)
+canonicalize_attention.ensures = ("model_info",)
 
 
 def _chain(start: fx.Node, end: fx.Node, mask) -> list[fx.Node]:

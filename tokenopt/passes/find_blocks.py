@@ -46,9 +46,13 @@ __all__ = ["NoAttentionError", "BlockStructureError", "find_blocks", "get_model_
 class NoAttentionError(ValueError):
     """The graph holds no attention block tokenopt can rewrite."""
 
+    user_error = True  # the pipeline passes it on as it is: it already names the model part and the fix
+
 
 class BlockStructureError(ValueError):
     """Attention was found but the blocks around it do not have the residual structure expected."""
+
+    user_error = True  # the pipeline passes it on as it is: it already names the model part and the fix
 
 
 def _dataflow(gm: fx.GraphModule, sources: list[fx.Node]) -> nx.DiGraph:
@@ -383,6 +387,9 @@ def find_blocks(gm: fx.GraphModule) -> PassResult:
     )
     gm.meta[MODEL_INFO] = info
     return PassResult(gm, False)
+
+
+find_blocks.ensures = ("model_info",)
 
 
 def get_model_info(gm: fx.GraphModule) -> ModelInfo:

@@ -1,20 +1,22 @@
 """fuse_kernels: replace the reference token-op chains the policy passes inserted by fused kernels.
 
-The policy passes build every token op from plain-PyTorch references
-(:mod:`tokenopt.kernels.reference`): on a GPU each is a handful of small launches. This pass finds
-those chains by their targets and the way they feed each other, and swaps each for one
-``torch.ops.tokenopt.*`` custom op (:mod:`tokenopt.kernels.ops`, Triton inside):
+The realisation pass builds every token step from the reference ops ``torch.ops.tokenopt.*``
+(:mod:`tokenopt.kernels.ops`, plain PyTorch inside). This pass finds chains of them by their targets
+and the way they feed each other, and swaps each for one Triton op ``torch.ops.tokenopt.triton_*``
+(:mod:`tokenopt.kernels.fused`):
 
-===================================================================  ==================================
-chain (reference ops)                                                custom op
-===================================================================  ==================================
-``cls_attention -> ats_scores -> ats_select`` (bias from ``valid``)  ``tokenopt.ats_select_dense``
-``packed_cls_scores -> ats_scores_from_norms -> ats_select``          ``tokenopt.ats_select_packed``
-``cls_attention -> topk_select -> gather_tokens [-> evit_fuse, cat]`` ``tokenopt.topk_gather``
-``mean(k, heads) -> tome_match -> tome_merge``                        ``tokenopt.tome_merge``
-``varlen_attention`` / ``gather_packed`` / ``unpack_padded`` /         the op of the same name
-``gather_tokens``
-===================================================================  ==================================
+=========================================================================  ============================
+chain (reference ops)                                                      Triton op
+=========================================================================  ============================
+``cls_attention -> topk_select -> gather_tokens [-> evit_fuse, cat]``      ``triton_topk_gather``
+``mean(k, heads) -> tome_slots -> merge_tokens``                           ``triton_tome_merge``
+``varlen_attention`` (no key bias)                                         ``triton_varlen_attention``
+``gather_rows``                                                            ``triton_gather_packed``
+``gather_tokens``                                                          ``triton_gather_tokens``
+=========================================================================  ============================
+
+ATS selection stays on its reference ops: its Triton kernels pad to the batch's largest count (a
+host read), the graph pads to a static capacity; a capacity-width kernel is future work.
 
 A chain is fused only when its intermediate values have no other users (the fused op does not
 produce them); anything left unmatched keeps running its reference, so the pass never changes what
@@ -33,7 +35,7 @@ Example:
     >>> model = timm.create_model("deit_tiny_patch16_224", depth=4).eval()
     >>> gm = tokenopt.optimize(model, policy="topk", kernels="triton")
     >>> gm.meta["tokenopt.counters"]["fuse_kernels"]["fused"]
-    {'topk_gather': 1}
+    {'triton_topk_gather': 1}
 """
 
 from __future__ import annotations
@@ -47,13 +49,14 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
+import tokenopt.kernels.ops  # noqa: F401  (registers torch.ops.tokenopt.*)
 from tokenopt.ir import META_BLOCK, META_ROLE, stamp
-from tokenopt.kernels import reference as ref
 
 __all__ = ["FuseKernels", "fuse_kernels", "resolve_backend", "BACKENDS"]
 
 BACKENDS = ("auto", "triton", "reference")
 aten = torch.ops.aten
+tk = torch.ops.tokenopt
 
 
 def resolve_backend(backend: str, gm: fx.GraphModule) -> str:
@@ -62,7 +65,7 @@ def resolve_backend(backend: str, gm: fx.GraphModule) -> str:
         raise ValueError(f"kernels={backend!r}: choose one of {', '.join(BACKENDS)}")
     if backend != "auto":
         return backend
-    from tokenopt.kernels.ops import triton_available
+    from tokenopt.kernels.fused import triton_available
 
     on_cuda = any(p.is_cuda for p in gm.parameters()) or any(b.is_cuda for b in gm.buffers())
     return "triton" if on_cuda and triton_available() else "reference"
@@ -87,14 +90,14 @@ class FuseKernels:
         backend = resolve_backend(self.backend, gm)
         fused: Counter = Counter()
         if backend == "triton":
-            from tokenopt.kernels import ops  # registers torch.ops.tokenopt.*
+            import tokenopt.kernels.fused  # noqa: F401  (registers torch.ops.tokenopt.triton_*)
 
             self.ops = torch.ops.tokenopt
             for node in list(gm.graph.nodes):
                 if node._erased or node.op != "call_function":
                     continue  # erased by an earlier match
                 for name, rule in self._RULES:
-                    if node.target is rule[0] and getattr(self, name)(gm, node):
+                    if node.target is getattr(tk, rule[0]).default and getattr(self, name)(gm, node):
                         fused[rule[1]] += 1
                         break
             gm.recompile()  # also when run on its own, outside a Pipeline
@@ -117,48 +120,16 @@ class FuseKernels:
 
     # ---- rules: (method, (anchor target, counter name)) -------------------------------------------
 
-    def _ats_dense(self, gm, sel):
-        scores, k_samples, min_tokens, p, valid = sel.args
-        if not _is(scores, ref.ats_scores) or len(scores.users) != 1:
-            return False
-        cls, v, _, _ = scores.args
-        if not _is(cls, ref.cls_attention) or len(cls.users) != 1:
-            return False
-        q, k, scale, bias = (list(cls.args) + [None])[:4]
-        if bias is not None and not (_is(bias, ref.valid_to_bias) and bias.args[0] is valid):
-            return False  # some other bias (e.g. ToMe sizes) on the CLS row: keep the reference
-        self._replace(gm, sel, self.ops.ats_select_dense.default,
-                      (q, k, v, scale, p, k_samples, min_tokens, valid), dead=(scores, cls, bias))
-        return True
-
-    def _ats_packed(self, gm, sel):
-        scores, k_samples, min_tokens, p, _ = sel.args
-        if not _is(scores, ref.ats_scores_from_norms) or len(scores.users) != 1:
-            return False
-        parts = scores.args[0], scores.args[1], scores.args[3]
-        if not all(_is(n, operator.getitem) for n in parts):
-            return False
-        packed = parts[0].args[0]
-        if not _is(packed, ref.packed_cls_scores) or any(n.args[0] is not packed for n in parts):
-            return False
-        if not all(_only_users(n, {scores, sel}) for n in parts):
-            return False
-        q, k, v, cu, scale = packed.args
-        self._replace(gm, sel, self.ops.ats_select_packed.default,
-                      (q, k, v, cu, scale, p, k_samples, min_tokens), dead=(scores, *parts, packed))
-        return True
-
     def _topk(self, gm, gather):
-        x, idx = gather.args[0], gather.args[1]
-        dim = gather.args[2] if len(gather.args) > 2 else 1
-        if dim != 1 or not _is(idx, ref.topk_select):
+        x, idx, dim = gather.args
+        if dim != 1 or not _is(idx, tk.topk_select.default):
             return False
         cls, keep, p = idx.args
-        if not _is(cls, ref.cls_attention):
+        if not _is(cls, tk.cls_attention.default):
             return False
         q, k, scale, bias = (list(cls.args) + [None])[:4]
         anchor, fuse, dead = gather, False, [gather, idx, cls]
-        evits = [u for u in idx.users if _is(u, ref.evit_fuse)]
+        evits = [u for u in idx.users if _is(u, tk.evit_fuse.default)]
         if evits:  # EViT's fused token appended: cat([gather, evit_fuse(...)], 1)
             evit = evits[0]
             cats = [u for u in gather.users if _is(u, aten.cat.default)]
@@ -167,51 +138,57 @@ class FuseKernels:
             anchor, fuse, dead = cats[0], True, [cats[0], gather, evit, idx, cls]
             if not (_only_users(gather, {anchor}) and _only_users(evit, {anchor})):
                 return False
-        elif not _only_users(gather, set(gather.users)) or len(idx.users) != 1:
+        elif len(idx.users) != 1:
             return False
         if not _only_users(cls, set(dead)) or not _only_users(idx, set(dead)):
             return False
-        self._replace(gm, anchor, self.ops.topk_gather.default, (x, q, k, scale, keep, p, fuse, bias),
+        self._replace(gm, anchor, self.ops.triton_topk_gather.default, (x, q, k, scale, keep, p, fuse, bias),
                       dead=tuple(dead[1:]))
         return True
 
     def _tome(self, gm, merge):
-        x, size, unm, src, dst, p = merge.args
-        parts = (unm, src, dst)
-        if not all(_is(n, operator.getitem) for n in parts):
+        x, size, slot, num_slots = merge.args
+        if not _is(slot, tk.tome_slots.default) or len(slot.users) != 1:
             return False
-        match = unm.args[0]
-        if not _is(match, ref.tome_match) or any(n.args[0] is not match for n in parts):
+        metric, r, p = slot.args[:3]
+        active = slot.args[3] if len(slot.args) > 3 else None
+        if active is not None or num_slots != P_val_tokens(x) - r:
             return False
-        metric, r, _ = match.args
         if not (_is(metric, aten.mean.dim) and list(metric.args[1]) == [1]) or len(metric.users) != 1:
             return False
-        if not all(_only_users(n, {merge}) for n in parts):
-            return False
-        self._replace(gm, merge, self.ops.tome_merge.default, (x, metric.args[0], size, r, p),
-                      dead=(*parts, match, metric))
+        self._replace(gm, merge, self.ops.triton_tome_merge.default, (x, metric.args[0], size, r, p),
+                      dead=(slot, metric))
         return True
 
-    def _one_to_one(self, gm, node):
-        op = getattr(self.ops, node.target.__name__).default
-        args = tuple(node.args)
-        if node.target is ref.gather_tokens and len(args) == 2:
-            args = args + (1,)
-        if node.target is ref.varlen_attention and len(args) < 6:
+    def _varlen(self, gm, node):
+        q, k, v, cu_q, cu_k, _cap_q, _cap_k, scale = node.args[:8]
+        key_bias = node.args[8] if len(node.args) > 8 else None
+        if key_bias is not None:
             return False
-        self._replace(gm, node, op, args)
+        self._replace(gm, node, self.ops.triton_varlen_attention.default, (q, k, v, cu_q, cu_k, scale))
+        return True
+
+    def _gather_rows(self, gm, node):
+        self._replace(gm, node, self.ops.triton_gather_packed.default, tuple(node.args))
+        return True
+
+    def _gather_tokens(self, gm, node):
+        self._replace(gm, node, self.ops.triton_gather_tokens.default, tuple(node.args))
         return True
 
     _RULES = (
-        ("_ats_dense", (ref.ats_select, "ats_select_dense")),
-        ("_ats_packed", (ref.ats_select, "ats_select_packed")),
-        ("_topk", (ref.gather_tokens, "topk_gather")),
-        ("_tome", (ref.tome_merge, "tome_merge")),
-        ("_one_to_one", (ref.varlen_attention, "varlen_attention")),
-        ("_one_to_one", (ref.gather_packed, "gather_packed")),
-        ("_one_to_one", (ref.unpack_padded, "unpack_padded")),
-        ("_one_to_one", (ref.gather_tokens, "gather_tokens")),
+        ("_topk", ("gather_tokens", "triton_topk_gather")),
+        ("_tome", ("merge_tokens", "triton_tome_merge")),
+        ("_varlen", ("varlen_attention", "triton_varlen_attention")),
+        ("_gather_rows", ("gather_rows", "triton_gather_packed")),
+        ("_gather_tokens", ("gather_tokens", "triton_gather_tokens")),
     )
+
+
+def P_val_tokens(x: fx.Node) -> int:
+    """Token count (axis 1) of ``x`` as recorded in its meta value."""
+    v = x.meta.get("val")
+    return int(v.shape[1]) if isinstance(v, torch.Tensor) else -1
 
 
 def fuse_kernels(gm: fx.GraphModule, backend: str = "auto") -> PassResult:

@@ -1,9 +1,11 @@
-"""Policies: one file each, a frozen config plus the list of passes it runs."""
+"""Policies: one file each, a frozen config that decides; tokenopt.passes.realize executes."""
 
-from tokenopt.policies.base import PolicyConfig, available_policies, make_config, register_policy
+from tokenopt.policies.base import (Composite, PlanDecisions, PolicyConfig, available_policies, make_config,
+                                    register_policy)
 from tokenopt.policies.ats import ATS
 from tokenopt.policies.none import NoReduction
 from tokenopt.policies.tome import ToMe
 from tokenopt.policies.topk import TopK
 
-__all__ = ["PolicyConfig", "available_policies", "make_config", "register_policy", "NoReduction", "ATS", "TopK", "ToMe"]
+__all__ = ["PolicyConfig", "Composite", "PlanDecisions", "available_policies", "make_config", "register_policy",
+           "NoReduction", "ATS", "TopK", "ToMe"]

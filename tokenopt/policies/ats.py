@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional, Union
 
-from tokenopt.passes.canonicalize import canonicalize_attention
-from tokenopt.passes.reduce_tokens import InsertATS
+import torch
+
+from tokenopt.ir import Keep
 from tokenopt.policies._checks import check_blocks, check_count_or_share, check_int
-from tokenopt.policies.base import PolicyConfig, register_policy
+from tokenopt.policies.base import PolicyConfig, register_policy, require_cls
 
 __all__ = ["ATS"]
 
@@ -24,9 +26,10 @@ class ATS(PolicyConfig):
             with ``tokenopt bench`` for your accuracy/latency target.
         min_tokens: floor of kept patch tokens per image (ATS keeps at least a few; default 8).
         blocks: where to sample; default every block from the 4th on (ATS: blocks 4..12 of DeiT).
-        mode: how per-image token counts are batched: ``"ragged"`` (packed tokens, the default and
-            the fast one), ``"padded"`` (pad to the batch's largest count and mask) or ``"masked"``
-            (drop nothing, only mask: the published code's behaviour, for comparison).
+        mode: the execution form it asks for (``optimize(mode=...)`` overrides it): ``"ragged"``
+            (= ``"packed"``: per-image counts packed, the default and the fast one), ``"padded"`` (padded
+            to the static capacity ``max_tokens`` and masked: no host sync) or ``"masked"`` (drop
+            nothing, only mask: the published code's behaviour and the training form).
 
     Example:
         >>> import tokenopt
@@ -43,13 +46,29 @@ class ATS(PolicyConfig):
     blocks: Optional[tuple[int, ...]] = None
     mode: str = "ragged"
     name = "ats"
+    site = "attn"  # ATS samples inside attention: only the sampled tokens go on as queries
+    adaptive = True
 
     def __post_init__(self):
-        if self.mode not in ("ragged", "padded", "masked"):
-            raise ValueError(f"ats: mode must be 'ragged', 'padded' or 'masked'; got {self.mode!r}")
+        if self.mode not in ("ragged", "packed", "padded", "masked"):
+            raise ValueError(f"ats: mode must be 'ragged' (= 'packed'), 'padded' or 'masked'; got {self.mode!r}")
         check_count_or_share(self.name, "max_tokens", self.max_tokens)
         check_int(self.name, "min_tokens", self.min_tokens, 0)
         object.__setattr__(self, "blocks", check_blocks(self.name, self.blocks))
 
-    def passes(self):
-        return [canonicalize_attention, InsertATS(self.blocks, self.max_tokens, self.min_tokens, self.mode)]
+    def default_blocks(self, depth):
+        return range(3, depth)  # ATS samples in blocks 4..12 of DeiT
+
+    def default_mode(self):
+        return "packed" if self.mode == "ragged" else self.mode
+
+    def decide(self, ctx):
+        """Score the patch tokens by CLS attention x value norm and keep an inverse-transform sample."""
+        require_cls(ctx, "ATS")
+        p = ctx.num_prefix
+        k = self.max_tokens if isinstance(self.max_tokens, int) else math.ceil(self.max_tokens * ctx.num_patches)
+        width = min(max(k, self.min_tokens), ctx.length - p)  # a static bound on every image's count
+        sel = ctx.call(torch.ops.tokenopt.ats_select.default, ctx.cls_attention(), ctx.value_norms(), p, k,
+                       self.min_tokens, ctx.valid, width, role="tokens.select")
+        idx, valid = ctx.call.items(sel, 2, roles=("tokens.idx", "tokens.valid"))
+        return Keep(idx, p + width, valid=valid)

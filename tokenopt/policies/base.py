@@ -1,13 +1,26 @@
-"""Policy configs: frozen dataclasses, registered by a string alias, each naming the passes it runs."""
+"""Policy configs: frozen dataclasses registered by a string alias. A policy *decides*; it never realises.
+
+A policy config says where it acts (``blocks``, ``site``) and how it decides (:meth:`PolicyConfig.decide`:
+graph nodes in, a :class:`~tokenopt.ir.Keep` / :class:`~tokenopt.ir.Merge` out). Its pass,
+:class:`PlanDecisions`, only writes the plan; :mod:`tokenopt.passes.realize` executes every policy's
+decisions in the execution form the user picked (padded, masked or packed). Several policies run in
+one graph by listing them (:class:`Composite`): each decides on the tokens the previous ones left.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, ClassVar, Union
+import functools
+from typing import Any, Callable, ClassVar, Optional, Sequence, Union
 
 import torch.fx as fx
+from torch.fx.passes.infra.pass_base import PassResult
 
-__all__ = ["PolicyConfig", "register_policy", "make_config", "available_policies"]
+from tokenopt.ir import META_PLAN, SITES, PlannedDecision
+from tokenopt.passes.find_blocks import get_model_info
+from tokenopt.passes.realize import RewriteError
+
+__all__ = ["PolicyConfig", "Composite", "PlanDecisions", "register_policy", "make_config", "available_policies"]
 
 _POLICIES: dict[str, type["PolicyConfig"]] = {}
 
@@ -16,14 +29,96 @@ _POLICIES: dict[str, type["PolicyConfig"]] = {}
 class PolicyConfig:
     """Base of every policy config. Subclasses are frozen dataclasses that validate in ``__post_init__``.
 
-    ``passes()`` returns the rewrite passes the policy runs, in order, after ``find_blocks``.
+    Class attributes a policy sets: ``name`` (its alias), ``site`` (``"attn"``: inside attention, only
+    the kept tokens go on as queries; ``"post_attn"``: after the attention residual), ``adaptive``
+    (counts vary per image, so it can run packed). It implements :meth:`decide` and, if it acts on
+    some blocks only, :meth:`default_blocks`. A ``blocks`` field, when present, overrides the default.
     """
 
     name: ClassVar[str] = "base"
     version: ClassVar[int] = 1
+    site: ClassVar[str] = "post_attn"
+    adaptive: ClassVar[bool] = False
+
+    def default_blocks(self, depth: int) -> Sequence[int]:
+        return range(depth)
+
+    def decide(self, ctx) -> Any:
+        """Insert the decision nodes for ``ctx.block`` through ``ctx.call`` and return a Keep, a Merge or None."""
+        raise NotImplementedError
+
+    def default_mode(self) -> Optional[str]:
+        """The execution form this config asks for, if any (``optimize(mode=...)`` overrides it)."""
+        return None
+
+    def policies(self) -> tuple["PolicyConfig", ...]:
+        return (self,)
 
     def passes(self) -> list[Callable[[fx.GraphModule], Any]]:
-        raise NotImplementedError
+        from tokenopt.passes.canonicalize import canonicalize_attention
+
+        return [canonicalize_attention, *(PlanDecisions(p) for p in self.policies())]
+
+
+@dataclasses.dataclass(frozen=True)
+class Composite(PolicyConfig):
+    """Several policies in one graph, in order: ``Composite((TopK(blocks=(3,)), ToMe(r=8)))``.
+
+    ``optimize(model, policy=[...])`` builds one. At a block where two act at the same site, the later
+    one decides on the tokens the earlier one left.
+    """
+
+    parts: tuple = ()
+    name = "composite"
+
+    def __post_init__(self):
+        parts = tuple(make_config(p) for p in self.parts)
+        if not parts:
+            raise ValueError("a composite policy needs at least one policy, e.g. policy=['topk', 'tome']")
+        flat = tuple(q for p in parts for q in p.policies())
+        object.__setattr__(self, "parts", flat)
+
+    def policies(self):
+        return self.parts
+
+    def default_mode(self):
+        modes = {p.default_mode() for p in self.parts} - {None}
+        if len(modes) > 1:
+            raise ValueError(f"the policies ask for different execution modes ({', '.join(sorted(modes))}); "
+                             "pass one with optimize(..., mode=...)")
+        return modes.pop() if modes else None
+
+    def __repr__(self):
+        return " + ".join(repr(p) for p in self.parts)
+
+
+@dataclasses.dataclass
+class PlanDecisions:
+    """The decision pass of one policy: adds ``PlannedDecision`` entries to ``gm.meta[META_PLAN]``."""
+
+    config: PolicyConfig
+    requires = ("model_info",)
+    ensures = ("plan",)
+
+    @property
+    def pass_name(self) -> str:
+        return f"plan_{self.config.name}"
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        info = get_model_info(gm)
+        n = len(info.blocks)
+        cfg = self.config
+        if cfg.site not in SITES:
+            raise RewriteError(f"{cfg.name}: site must be one of {SITES}; got {cfg.site!r}")
+        chosen = getattr(cfg, "blocks", None)
+        chosen = list(cfg.default_blocks(n)) if chosen is None else [b if b >= 0 else n + b for b in chosen]
+        bad = [b for b in chosen if not 0 <= b < n]
+        if bad:
+            raise RewriteError(f"{cfg.name}: blocks {bad} do not exist; the model has blocks 0..{n - 1}")
+        plan = gm.meta.setdefault(META_PLAN, [])
+        for b in sorted(set(chosen)):
+            plan.append(PlannedDecision(b, cfg.site, cfg.name, functools.partial(cfg.decide), cfg.adaptive))
+        return PassResult(gm, False)
 
 
 def register_policy(cls: type[PolicyConfig]) -> type[PolicyConfig]:
@@ -35,13 +130,18 @@ def available_policies() -> list[str]:
     return sorted(_POLICIES)
 
 
-def make_config(policy: Union[str, PolicyConfig], **options: Any) -> PolicyConfig:
-    """Turn ``policy`` (an alias or a config instance) plus keyword options into a config.
+def make_config(policy: Union[str, PolicyConfig, Sequence], **options: Any) -> PolicyConfig:
+    """Turn ``policy`` (an alias, a config instance, or a list of them) plus keyword options into a config.
 
     Raises:
-        ValueError: unknown alias, or options given alongside a config instance.
+        ValueError: unknown alias, or options given alongside a list.
         TypeError: an option the policy does not have.
     """
+    if isinstance(policy, (list, tuple)):
+        if options:
+            raise ValueError("options cannot be given with a list of policies; pass configs instead, "
+                             "e.g. policy=[tokenopt.TopK(keep_rate=0.7, blocks=(3,)), tokenopt.ToMe(r=8)]")
+        return Composite(tuple(policy))
     if isinstance(policy, PolicyConfig):
         if options:
             return dataclasses.replace(policy, **options)
@@ -56,3 +156,11 @@ def make_config(policy: Union[str, PolicyConfig], **options: Any) -> PolicyConfi
         raise TypeError(f"policy {policy!r} has no option {', '.join(sorted(unknown))}; "
                         f"its options are: {', '.join(sorted(fields)) or 'none'}")
     return cls(**options)
+
+
+def require_cls(ctx, policy: str) -> None:
+    """CLS-attention policies need a CLS token in front (token 0)."""
+    if ctx.num_prefix < 1:
+        raise RewriteError(
+            f"{policy} scores tokens by the CLS token's attention, but this model has no prefix token; "
+            "use policy='tome', which needs none")

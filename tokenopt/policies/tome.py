@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Union
 
-from tokenopt.passes.canonicalize import canonicalize_attention
-from tokenopt.passes.reduce_tokens import InsertToMe
+import torch
+
+from tokenopt.ir import Merge
+from tokenopt.passes.realize import RewriteError
 from tokenopt.policies._checks import check_blocks
 from tokenopt.policies.base import PolicyConfig, register_policy
 
@@ -52,5 +54,21 @@ class ToMe(PolicyConfig):
             object.__setattr__(self, "r", tuple(r))
         object.__setattr__(self, "blocks", check_blocks(self.name, self.blocks))
 
-    def passes(self):
-        return [canonicalize_attention, InsertToMe(self.blocks, self.r, self.proportional_attention)]
+    def decide(self, ctx):
+        """Bipartite soft matching on the head-averaged keys: the ``r`` best-matched pairs merge."""
+        b = ctx.block.index
+        if isinstance(self.r, int):
+            r = self.r
+        elif b < len(self.r):
+            r = self.r[b]
+        else:
+            raise RewriteError(f"ToMe r lists {len(self.r)} values but the model has more blocks (block {b}); "
+                               "give one value per block or a single int")
+        ctx.require_dense("bipartite matching")
+        p, active = ctx.num_prefix, ctx.tokens
+        r = min(r, (active - p + 1) // 2)
+        if r <= 0:
+            return None
+        slot = ctx.call(torch.ops.tokenopt.tome_slots.default, ctx.key_metric(), r, p,
+                        None if active == ctx.length else active, role="tokens.slot")
+        return Merge(slot, active - r, proportional=self.proportional_attention)

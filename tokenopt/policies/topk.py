@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional
 
-from tokenopt.passes.canonicalize import canonicalize_attention
-from tokenopt.passes.reduce_tokens import InsertTopK
+import torch
+
+from tokenopt.ir import Keep
 from tokenopt.policies._checks import check_blocks
-from tokenopt.policies.base import PolicyConfig, register_policy
+from tokenopt.policies.base import PolicyConfig, register_policy, require_cls
 
 __all__ = ["TopK"]
 
@@ -45,5 +47,22 @@ class TopK(PolicyConfig):
             raise ValueError(f"topk: fuse must be True or False; got {self.fuse!r}")
         object.__setattr__(self, "blocks", check_blocks(self.name, self.blocks))
 
-    def passes(self):
-        return [canonicalize_attention, InsertTopK(self.blocks, float(self.keep_rate), self.fuse)]
+    def default_blocks(self, depth):
+        return range(3, depth, 3)  # EViT prunes at blocks 4, 7, 10 of DeiT
+
+    def decide(self, ctx):
+        """Keep the ``keep`` patch tokens the CLS token attends to most (+ EViT's fused token)."""
+        require_cls(ctx, "top-k")
+        ctx.require_dense("a fixed token count")
+        p = ctx.num_prefix
+        patches = ctx.tokens - p
+        keep = min(patches, math.ceil(self.keep_rate * patches))
+        if keep == patches:
+            return None
+        tk = torch.ops.tokenopt
+        cls = ctx.cls_attention()
+        idx = ctx.call(tk.topk_select.default, cls, keep, p, role="tokens.idx")
+        if not self.fuse:
+            return Keep(idx, p + keep)
+        fused = ctx.call(tk.evit_fuse.default, ctx.x, cls, idx, p, role="tokens.extra")
+        return Keep(idx, p + keep, extra=fused, extra_count=1)

@@ -1,0 +1,467 @@
+"""realize_tokens: execute every token decision of the plan, in the execution form the user picked.
+
+The policy passes (one per policy, :mod:`tokenopt.policies`) only *decide*: they put
+:class:`~tokenopt.ir.PlannedDecision` entries in ``gm.meta[META_PLAN]``. This pass walks the blocks in
+residual-stream order, threads the token state from block to block and, where the plan has a
+decision, calls it with a :class:`DecisionContext` (per-token tables of the current tokens: CLS
+attention, value norms, key metric, validity) and realises the :class:`~tokenopt.ir.Keep` or
+:class:`~tokenopt.ir.Merge` it returns. It knows no policy; policies know no execution form:
+
+``"padded"``  tokens leave the buffer: ``[B, M, C]`` with ``M`` the decision's width; a count that
+              varies per image is padded to a static capacity (the policy's bound) and masked, so
+              nothing is read back to the host.
+``"masked"``  the buffer keeps its length ``N``: kept tokens come first in the order the other forms
+              give, the rest are masked out of attention (``-inf`` key bias) and pooling. Nothing is
+              saved; every op is differentiable: the form training uses.
+``"packed"``  per-image counts pack into one ``[1, T, C]`` buffer with offsets ``cu`` (ragged):
+              linears and MLPs run on exactly the kept tokens, attention is one
+              ``tokenopt.varlen_attention`` op. Fixed counts need no packing and stay padded.
+
+The state that later blocks read flows through the graph as values: ``valid [B, L]`` (real tokens),
+``size [B, L, 1]`` (patches a merged token stands for), ``bias [B, 1, 1, L]`` (added to every later
+attention's logits), ``cu [B + 1]`` (packed offsets). At the end the head is rewired (a pooling head
+becomes a mean over valid tokens, size-weighted after merges; a packed token read becomes
+``packed_select``) and reshapes that had the captured token count baked in get run-time sizes
+(:func:`~tokenopt.passes.reduce_tokens.retarget_token_sizes`).
+
+Every inserted node is a ``torch.ops.tokenopt.*`` op (:mod:`tokenopt.kernels.ops`) or an ATen op, with
+provenance (pass, policy, block). Writes ``gm.meta["tokenopt.counters"]["realize_tokens"]`` and
+``gm.meta["tokenopt.count_nodes"]`` (per block: the node whose value gives the per-image token count)
+and ``gm.meta["tokenopt.decisions"]`` (per decision: block, kind and the names of its nodes, which
+stay in the graph so that a run can be followed, as :func:`tokenopt.viz.token_sources` does).
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+from torch.fx.passes.infra.pass_base import PassResult
+
+import tokenopt.kernels.ops  # noqa: F401  (registers torch.ops.tokenopt.*)
+from tokenopt.ir import META_PLAN, META_ROLE, SITES, BlockInfo, Keep, Merge, ModelInfo, PlannedDecision, stamp
+from tokenopt.passes import patterns as P
+from tokenopt.passes.find_blocks import get_model_info
+
+__all__ = ["MODES", "RewriteError", "TokenState", "DecisionContext", "RealizeTokens"]
+
+MODES = ("padded", "masked", "packed")
+aten = torch.ops.aten
+tk = torch.ops.tokenopt
+
+
+class RewriteError(ValueError):
+    """A block cannot be rewritten; the message names the block, the node and what to do."""
+
+    user_error = True  # the pipeline passes it on as it is: it already names the model part and the fix
+
+
+@dataclass
+class TokenState:
+    """The current tokens, as graph values and static facts."""
+
+    length: int  # tokens per image in the buffer (dense), or the per-image capacity (packed)
+    active: Optional[int]  # real tokens per image when the same for all images, else None
+    valid: Optional[fx.Node] = None  # [B, length] bool (dense)
+    size: Optional[fx.Node] = None  # [B, length, 1] (dense) / [1, T, 1] (packed)
+    bias: Optional[fx.Node] = None  # [B, 1, 1, length] (dense)
+    cu: Optional[fx.Node] = None  # [B + 1] packed offsets
+    proportional: bool = False
+    count: Optional[fx.Node] = None  # node whose value gives per-image counts (valid or cu)
+
+    @property
+    def packed(self) -> bool:
+        return self.cu is not None
+
+
+class _Inserter:
+    def __init__(self, gm: fx.GraphModule, anchor: fx.Node, block: int, policy: str):
+        self.gm, self.anchor, self.block, self.policy = gm, anchor, block, policy
+        self.created: list[fx.Node] = []
+
+    def __call__(self, target, *args, role: Optional[str] = None, **kwargs) -> fx.Node:
+        with self.gm.graph.inserting_before(self.anchor):
+            node = self.gm.graph.call_function(target, args, kwargs)
+        stamp(node, block=self.block, policy=self.policy, **{"pass": "realize_tokens"})
+        if role:
+            node.meta[META_ROLE] = role
+        self.created.append(node)
+        return node
+
+    def items(self, node: fx.Node, n: int, roles=()) -> list[fx.Node]:
+        roles = list(roles) + [None] * (n - len(roles))
+        return [self(operator.getitem, node, i, role=roles[i]) for i in range(n)]
+
+
+class DecisionContext:
+    """What a policy sees of one block at one site: per-image tables of the current tokens.
+
+    Tables are dense ``[B, L]`` (``L = length``) whatever the execution form: on packed tokens they
+    are read straight from the packed q/k/v, padded to the capacity, with ``valid`` marking real ones.
+
+    Attributes:
+        block: the :class:`~tokenopt.ir.BlockInfo`.
+        num_prefix: prefix tokens (CLS, distillation, registers) at the front of every image; never
+            decided on. ``num_patches``: the model's patch tokens (for budgets given as shares).
+        length: the width of the tables; ``tokens``: the real tokens per image when that is the same
+            for every image, else None.
+        policy: the deciding policy's name (provenance of the nodes it inserts).
+    """
+
+    def __init__(self, realizer: "RealizeTokens", gm, info: ModelInfo, blk: BlockInfo, state: TokenState,
+                 site: str, anchor: fx.Node, x: Optional[fx.Node], policy: str):
+        self._r, self.gm, self.block, self._state, self.site = realizer, gm, blk, state, site
+        self.num_prefix, self.num_patches = info.num_prefix_tokens, info.num_patch_tokens
+        self.length, self.tokens, self.policy = state.length, state.active, policy
+        self.call = _Inserter(gm, anchor, blk.index, policy)
+        self._x = x
+        self._packed_tables: Optional[list[fx.Node]] = None
+
+    # -- tables ------------------------------------------------------------------------------------
+    def _packed(self) -> list[fx.Node]:
+        if self._packed_tables is None:
+            att, s = self.block.attention, self._state
+            node = self.call(tk.packed_cls_attention.default, att.q, att.k, att.v, s.cu, s.length, att.scale,
+                             s.size if s.proportional else None, role="tokens.cls_attn")
+            self._packed_tables = self.call.items(node, 3)
+        return self._packed_tables
+
+    @property
+    def packed(self) -> bool:
+        return self._state.packed
+
+    @property
+    def valid(self) -> Optional[fx.Node]:
+        """``[B, L]`` bool of real tokens, or None when every token is real."""
+        return self._packed()[2] if self._state.packed else self._state.valid
+
+    def cls_attention(self) -> fx.Node:
+        """Softmax attention row of the CLS token over the current tokens, ``[B, H, L]`` (float32)."""
+        if self._state.packed:
+            return self._packed()[0]
+        att = self.block.attention
+        return self.call(tk.cls_attention.default, att.q, att.k, att.scale, self._state.bias, role="tokens.cls_attn")
+
+    def value_norms(self) -> fx.Node:
+        """Norm of each token's value vector over all heads, ``[B, L]`` (float32)."""
+        if self._state.packed:
+            return self._packed()[1]
+        return self.call(tk.value_norms.default, self.block.attention.v)
+
+    def key_metric(self) -> fx.Node:
+        """The keys averaged over heads, ``[B, L, D]`` (ToMe's similarity metric). Dense tokens only."""
+        self.require_dense("a key metric")
+        return self.call(aten.mean.dim, self.block.attention.k, [1], role="tokens.metric")
+
+    @property
+    def x(self) -> fx.Node:
+        """The residual stream at this site, ``[B, L, C]`` (post-attention site, dense tokens)."""
+        if self._x is None or self._state.packed:
+            raise RewriteError(f"block {self.block.index}: {self.policy} reads the residual stream, which "
+                               "is only available after attention on dense (unpacked) tokens")
+        return self._x
+
+    def batch_size(self) -> fx.Node:
+        """The run-time batch size (a SymInt node)."""
+        return self.call(aten.sym_size.int, self.block.attention.k if not self._state.packed else self._state.cu, 0)
+
+    def require_dense(self, what: str) -> None:
+        if self._state.packed or self._state.active is None:
+            raise RewriteError(
+                f"block {self.block.index}: {self.policy} needs {what} on tokens whose count is the same for "
+                "every image, but an earlier adaptive decision made counts per image; put this policy "
+                "before the adaptive one (its blocks= earlier) or use it alone"
+            )
+
+
+@dataclass
+class RealizeTokens:
+    """The pass. ``mode``: ``"padded"``, ``"masked"`` or ``"packed"`` (see the module docstring)."""
+
+    mode: str = "padded"
+    pass_name = "realize_tokens"
+    requires = ("model_info", "plan")
+    ensures = ("realized",)
+    counters: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}")
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        info = get_model_info(gm)
+        plan: list[PlannedDecision] = list(gm.meta.get(META_PLAN, []))
+        by_site: dict[tuple[int, str], list[PlannedDecision]] = {}
+        for d in plan:
+            if not 0 <= d.block < len(info.blocks):
+                raise RewriteError(f"{d.policy}: block {d.block} does not exist; the model has blocks "
+                                   f"0..{len(info.blocks) - 1}")
+            by_site.setdefault((d.block, d.site), []).append(d)
+        state = TokenState(length=info.num_tokens, active=info.num_tokens)
+        self.decisions: list[dict] = []
+        self.dtype = P.val(info.blocks[0].x_in).dtype
+        counts: dict[int, Any] = {}
+        count_nodes: dict[int, tuple[str, str]] = {}
+        decided = 0
+        for blk in info.blocks:
+            att_decisions = by_site.get((blk.index, "attn"), [])
+            here = [d for site in SITES for d in by_site.get((blk.index, site), [])]
+            if len(here) > 1:  # the second would need this block's keys for the first one's tokens
+                raise RewriteError(
+                    f"block {blk.index}: {len(here)} policies decide in the same block "
+                    f"({', '.join(d.policy for d in here)}); give them different blocks=, e.g. prune at "
+                    "block 3 and merge from block 4 on")
+            if att_decisions:
+                decided += self._attn_site(gm, info, blk, state, att_decisions[0])
+            else:
+                self._attend(gm, blk, state)
+            x = blk.attn_add
+            for d in by_site.get((blk.index, "post_attn"), []):
+                x, n = self._post_attn_site(gm, info, blk, state, d, x)
+                decided += n
+            counts[blk.index] = state.active
+            if state.count is not None:
+                count_nodes[blk.index] = ("cu" if state.packed else "valid", state.count.name)
+        if decided:
+            self._rewire_head(gm, info, state)
+            from tokenopt.passes.retarget import retarget_token_sizes
+
+            retarget_token_sizes(gm)
+        # the per-block count nodes stay (token_counts and explain read them), even past the last reader
+        keep = {name for _kind, name in count_nodes.values()}
+        keep |= {d[k] for d in self.decisions for k in ("idx", "valid", "slot") if d.get(k)}
+        gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.name in keep or n.is_impure())
+        gm.meta["tokenopt.count_nodes"] = count_nodes
+        gm.meta["tokenopt.decisions"] = self.decisions
+        gm.meta.setdefault("tokenopt.counters", {})[self.pass_name] = {
+            "mode": self.mode, "decisions": decided, "tokens": counts,
+            "blocks": sorted({d.block for d in plan}),
+        }
+        return PassResult(gm, decided > 0)
+
+    # -- attention over the current tokens -----------------------------------------------------------
+    def _attend(self, gm, blk: BlockInfo, state: TokenState, q: Optional[fx.Node] = None,
+                cu_q: Optional[fx.Node] = None, cap_q: Optional[int] = None, policy: str = "") -> None:
+        att = blk.attention
+        if state.packed or cu_q is not None:
+            if att.kind != "sdpa" or att.attn_mask is not None:
+                raise RewriteError(
+                    f"block {blk.index} ({blk.module_path}): attention {att.core.name} is not a plain SDPA "
+                    "without a model mask, so it cannot run over packed tokens; use mode='padded'")
+            ins = _Inserter(gm, att.core, blk.index, policy)
+            new = ins(tk.varlen_attention.default, q if q is not None else att.q, att.k, att.v,
+                      cu_q if cu_q is not None else state.cu, state.cu, cap_q or state.length, state.length,
+                      att.scale, None if state.packed else state.bias, role="attn.core")
+            new.meta["val"] = att.core.meta.get("val")  # the captured shape: retargeting reads it
+            att.core.replace_all_uses_with(new)
+            gm.graph.erase_node(att.core)
+            att.core, att.kind = new, "varlen"
+            return
+        if q is not None:
+            att.core.update_arg(0, q)
+        if state.bias is not None:
+            if att.kind != "sdpa":
+                raise RewriteError(
+                    f"block {blk.index} ({blk.module_path}): attention {att.core.name} is a manual chain whose "
+                    "intermediate results are used elsewhere, so the token bias cannot be added; reduce "
+                    "tokens only in blocks after it (blocks=...)")
+            if att.attn_mask is not None:
+                raise RewriteError(
+                    f"block {blk.index} ({blk.module_path}): attention {att.core.name} already takes a mask from "
+                    "the model, sized for the full token count; reduce tokens only after this block (blocks=...)")
+            P.set_sdpa_mask(att.core, state.bias)
+
+    # -- sites ---------------------------------------------------------------------------------------
+    def _decide(self, gm, info, blk, state, d: PlannedDecision, anchor, x):
+        ctx = DecisionContext(self, gm, info, blk, state, d.site, anchor, x, d.policy)
+        decision = d.decide(ctx)
+        if decision is not None and not isinstance(decision, (Keep, Merge)):
+            raise RewriteError(f"{d.policy}: a decision must be tokenopt.ir.Keep, Merge or None; got "
+                               f"{type(decision).__name__}")
+        if isinstance(decision, Keep):
+            self.decisions.append({"block": blk.index, "kind": "keep", "idx": decision.idx.name,
+                                   "valid": decision.valid.name if decision.valid is not None else None})
+        elif isinstance(decision, Merge):
+            self.decisions.append({"block": blk.index, "kind": "merge", "slot": decision.slot.name})
+        return decision, ctx.call
+
+    def _attn_site(self, gm, info, blk, state, d) -> int:
+        att = blk.attention
+        if att.kind != "sdpa":
+            raise RewriteError(f"block {blk.index}: {d.policy} decides inside attention, which needs the "
+                               "attention as one SDPA node (canonicalize_attention could not rewrite it)")
+        decision, ins = self._decide(gm, info, blk, state, d, att.core, None)
+        if decision is None:
+            self._attend(gm, blk, state)
+            return 0
+        if not isinstance(decision, Keep) or decision.extra is not None:
+            raise RewriteError(f"block {blk.index}: inside attention only Keep decisions without extra tokens "
+                               f"are realised; {d.policy} returned {type(decision).__name__}")
+        ins.anchor = att.core
+        old = TokenState(**{f: getattr(state, f) for f in state.__dataclass_fields__})
+        if self.mode == "packed" and decision.valid is not None or state.packed:
+            flat, cu = self._pack(ins, decision, state, d)
+            q_sel = ins(tk.gather_rows.default, att.q, flat)
+            self._attend(gm, blk, old, q=q_sel, cu_q=cu, cap_q=decision.width, policy=d.policy)
+            ins.anchor = blk.attn_add
+            x_sel = ins(tk.gather_rows.default, blk.x_in, flat)
+            blk.attn_add.replace_input_with(blk.x_in, x_sel)
+            return 1
+        idx, valid, width = self._widen(ins, decision, state)
+        q_sel = ins(tk.gather_tokens.default, att.q, idx, 2)
+        self._attend(gm, blk, old, q=q_sel)
+        ins.anchor = blk.attn_add
+        x_sel = ins(tk.gather_tokens.default, blk.x_in, idx, 1)
+        blk.attn_add.replace_input_with(blk.x_in, x_sel)
+        self._gather_state(ins, state, idx, valid, width, decision)
+        return 1
+
+    def _post_attn_site(self, gm, info, blk, state, d, x: fx.Node) -> tuple[fx.Node, int]:
+        users = [u for u in x.users]
+        anchor = x.next
+        decision, ins = self._decide(gm, info, blk, state, d, anchor, x)
+        if decision is None:
+            return x, 0
+        if isinstance(decision, Merge):
+            new_x = self._merge(ins, state, decision, x, d)
+        elif self.mode == "packed" and decision.valid is not None or state.packed:
+            if decision.extra is not None:
+                raise RewriteError(f"block {blk.index}: {d.policy} appends tokens, which packed tokens do not "
+                                   "support; use mode='padded'")
+            flat, _cu = self._pack(ins, decision, state, d)
+            new_x = ins(tk.gather_rows.default, x, flat)
+        else:
+            idx, valid, width = self._widen(ins, decision, state)
+            new_x = ins(tk.gather_tokens.default, x, idx, 1)
+            new_x = self._gather_state(ins, state, idx, valid, width, decision, x=new_x)
+        for u in users:  # the block's own readers of x (norm2, the MLP residual) take the new tokens
+            u.replace_input_with(x, new_x)
+        return new_x, 1
+
+    # -- realising a Keep ----------------------------------------------------------------------------
+    def _widen(self, ins, decision: Keep, state: TokenState):
+        """``idx``/``valid`` of a dense Keep, widened to the buffer length in the masked form."""
+        idx, valid, width = decision.idx, decision.valid, decision.width
+        if self.mode == "masked" and decision.extra is None:
+            target = state.length
+            if width < target:
+                pad = ins(tk.pad_indices.default, idx, valid, target)
+                idx, valid = ins.items(pad, 2, roles=("tokens.idx", "tokens.valid"))
+                width = target
+        return idx, valid, width
+
+    def _gather_state(self, ins, state: TokenState, idx, valid, width, decision: Keep, x=None):
+        """Dense gather of the state (validity, sizes) along with the tokens; returns x with extras.
+
+        Layout after it: the kept tokens, then the decision's extra tokens, then (masked form only)
+        padding up to the buffer length, so real tokens always form a prefix of each row.
+        """
+        if state.valid is not None:
+            valid = ins(tk.gather_valid.default, state.valid, idx, valid, role="tokens.valid")
+        size = ins(tk.gather_tokens.default, state.size, idx, 1, role="tokens.size") if state.size is not None else None
+        e = decision.extra_count
+        length = width
+        if decision.extra is not None:
+            b = ins(aten.sym_size.int, x, 0)
+            x = ins(aten.cat.default, [x, decision.extra], 1)
+            if size is not None:
+                one = ins(aten.ones.default, [b, e, 1], dtype=P.val(state.size).dtype, device=P.val(state.size).device)
+                size = ins(aten.cat.default, [size, one], 1, role="tokens.size")
+            if valid is not None:
+                ones = ins(aten.ones.default, [b, e], dtype=torch.bool, device=P.val(decision.idx).device)
+                valid = ins(aten.cat.default, [valid, ones], 1, role="tokens.valid")
+            length = width + e
+            if self.mode == "masked" and length < state.length:  # pad after the extras
+                pad = state.length - length
+                x = ins(aten.constant_pad_nd.default, x, [0, 0, 0, pad])
+                if size is not None:
+                    size = ins(aten.constant_pad_nd.default, size, [0, 0, 0, pad])
+                if valid is None:
+                    valid = ins(aten.ones.default, [b, length], dtype=torch.bool, device=P.val(decision.idx).device)
+                valid = ins(aten.constant_pad_nd.default, valid, [0, pad], 0.0, role="tokens.valid")
+                length = state.length
+        adaptive = decision.valid is not None or state.active is None
+        state.active = None if adaptive else decision.width + e
+        state.length, state.valid, state.size = length, valid, size
+        self._rebias(ins, state)
+        return x
+
+    def _pack(self, ins, decision: Keep, state: TokenState, d) -> tuple[fx.Node, fx.Node]:
+        if state.size is not None and state.proportional:
+            raise RewriteError(
+                f"block {d.block}: {d.policy} packs tokens after a merge with proportional attention, which "
+                "packed attention does not carry; use mode='padded' or proportional_attention=False")
+        valid = decision.valid
+        if valid is None:
+            valid = ins(aten.ones_like.default, decision.idx, dtype=torch.bool)
+        if state.packed:  # positions index the padded tables of the packed tokens: drop their padding
+            pass
+        elif state.valid is not None:
+            valid = ins(tk.gather_valid.default, state.valid, decision.idx, valid)
+        packed = ins(tk.pack_index.default, decision.idx, valid, state.cu, state.length, role="tokens.pack")
+        flat, cu = ins.items(packed, 2, roles=("tokens.flat", "tokens.cu"))
+        state.size = ins(tk.gather_rows.default, state.size, flat, role="tokens.size") if state.size is not None else None
+        state.cu, state.count, state.length, state.active = cu, cu, decision.width, None
+        state.valid, state.bias = None, None
+        return flat, cu
+
+    # -- realising a Merge ---------------------------------------------------------------------------
+    def _merge(self, ins, state: TokenState, decision: Merge, x: fx.Node, d) -> fx.Node:
+        if state.packed or state.active is None:
+            raise RewriteError(
+                f"block {d.block}: {d.policy} merges tokens, which needs the same token count in every "
+                "image, but an earlier adaptive decision made counts per image; merge before it (blocks=)")
+        slots = state.length if self.mode == "masked" else decision.num_slots
+        merged = ins(tk.merge_tokens.default, x, state.size, decision.slot, slots)
+        new_x, size = ins.items(merged, 2, roles=(None, "tokens.size"))
+        valid = None
+        if self.mode == "masked" and slots > decision.num_slots:
+            valid = ins(tk.slots_valid.default, decision.slot, slots, state.valid, role="tokens.valid")
+        state.length, state.active, state.size, state.valid = slots, decision.num_slots, size, valid
+        state.proportional = state.proportional or decision.proportional
+        self._rebias(ins, state)
+        return new_x
+
+    def _rebias(self, ins, state: TokenState) -> None:
+        size = state.size if state.proportional else None
+        if state.valid is None and size is None:
+            state.bias = None
+        else:
+            state.bias = ins(tk.token_bias.default, state.valid, size, self.dtype, role="tokens.bias")
+        state.count = state.valid
+
+    # -- the head ------------------------------------------------------------------------------------
+    def _rewire_head(self, gm, info: ModelInfo, state: TokenState) -> None:
+        for reader in info.head_readers:
+            ins = _Inserter(gm, reader.node, -1, "")
+            if reader.kind == "token":
+                if reader.index >= info.num_prefix_tokens:
+                    raise RewriteError(
+                        f"the head reads token {reader.index} (node {reader.node.name}), a patch token that token "
+                        "reduction may drop or move; only prefix tokens (CLS, distillation, registers) stay in place")
+                if state.packed:
+                    new = ins(tk.packed_select.default, reader.node.args[0], state.cu, reader.index)
+                    reader.node.replace_all_uses_with(new)
+                continue
+            if reader.kind == "mean":
+                if state.valid is None and state.size is None and not state.packed:
+                    continue  # a plain mean over the remaining tokens is what the model asked for
+                mean = reader.node
+                src = mean.args[0]
+                tokens = src.args[0] if P.is_call(src, P.SLICE_OPS) else src
+                if state.packed:
+                    new = ins(tk.packed_mean.default, tokens, state.cu, state.size, reader.start, reader.end)
+                else:
+                    new = ins(tk.weighted_mean.default, tokens, state.valid, state.size, reader.start, reader.end)
+                if P.val(mean) is not None and P.val(mean).dim() == 3:  # mean(keepdim=True)
+                    new = ins(aten.unsqueeze.default, new, 1)
+                mean.replace_all_uses_with(new)
+                continue
+            raise RewriteError(
+                f"after the last block the model uses every token (node {reader.node.name}, {reader.kind}); "
+                "token reduction would change that output's shape. Reduce tokens only in models whose head "
+                "reads prefix tokens or pools over tokens")
+

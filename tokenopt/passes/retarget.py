@@ -1,0 +1,80 @@
+"""retarget_token_sizes: give reshapes that had the captured token count baked in their run-time sizes.
+
+Run by the realisation pass (:mod:`tokenopt.passes.realize`) once tokens have been dropped, merged or
+packed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from tokenopt.ir import META_BLOCK, META_ROLE, stamp
+from tokenopt.passes import patterns as P
+from tokenopt.passes.find_blocks import get_model_info
+from tokenopt.passes.realize import RewriteError
+
+__all__ = ["RewriteError", "retarget_token_sizes"]
+
+aten = torch.ops.aten
+
+
+def _same_size(size: Any, key: Any) -> bool:
+    """``size`` (an int, or a node / SymInt for a symbolic size) is the captured size ``key``."""
+    if isinstance(size, fx.Node):
+        size = size.meta.get("val")
+    if isinstance(key, int):
+        return isinstance(size, int) and not isinstance(size, bool) and size == key
+    return isinstance(size, torch.SymInt) and str(size) == str(key)
+
+
+_VIEW_OPS = {aten.reshape.default, aten.view.default, aten._unsafe_view.default, aten.expand.default}
+
+
+def retarget_token_sizes(gm: fx.GraphModule) -> int:
+    """Replace the captured token count (and batch size) in reshape/view/expand sizes by run-time sizes.
+
+    ``torch.export`` records ``reshape(x, [s0, 197, 3, H, D])``; once tokens are dropped that 197 is
+    wrong, and once they are packed into ``[1, T, C]`` so is the batch ``s0``. For each such node after
+    the first inserted token op, the size is replaced by ``sym_size(input, d)`` where ``d`` is the one
+    input axis that had that size at capture. A node where that is ambiguous raises
+    :class:`RewriteError` naming it.
+
+    Returns:
+        the number of sizes replaced.
+    """
+    info = get_model_info(gm)
+    n0 = info.num_tokens
+    batch = P.val(info.image_input).shape[0]
+    started, replaced = False, 0
+    for node in list(gm.graph.nodes):
+        # everything before the first token op still sees the captured token count
+        started = started or str(node.meta.get(META_ROLE, "")).startswith("tokens.")
+        if not started or not P.is_call(node, _VIEW_OPS):
+            continue
+        shape = list(node.args[1])
+        src = node.args[0]
+        src_val = P.val(src)
+        if src_val is None:
+            continue
+        # the captured sizes that may change: the token count, and the batch once tokens are packed
+        for key in (n0, batch):
+            hits = [i for i, s in enumerate(shape) if _same_size(s, key)]
+            if not hits:
+                continue
+            dims = [d for d, s in enumerate(src_val.shape) if _same_size(s, key)]
+            if len(hits) != 1 or len(dims) != 1:
+                raise RewriteError(
+                    f"cannot tell which size of {node.name} ({node.format_node()}) is {key}: it appears "
+                    f"{len(hits)} times in the target shape and {len(dims)} times in the input shape"
+                )
+            with gm.graph.inserting_before(node):
+                size = gm.graph.call_function(aten.sym_size.int, (src, dims[0]))
+            stamp(size, block=node.meta.get(META_BLOCK), **{"pass": "retarget_token_sizes"})
+            shape[hits[0]] = size
+            replaced += 1
+        node.update_arg(1, shape)
+    gm.meta.setdefault("tokenopt.counters", {})["retarget_token_sizes"] = replaced
+    return replaced
