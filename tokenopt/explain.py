@@ -175,7 +175,9 @@ def token_counts(gm: fx.GraphModule, *inputs) -> dict[int, "torch.Tensor"]:
     """Run ``gm`` on ``inputs`` and return, per block, how many real tokens each image has after it.
 
     Returns:
-        ``{block index: LongTensor [B]}``; padding (ATS) is not counted.
+        ``{block index: LongTensor [B]}``; padding and masked-out tokens are not counted. Read from the
+        nodes the realisation pass names in ``gm.meta["tokenopt.count_nodes"]`` (validity or packed
+        offsets), or the token axis where every image has the same count.
 
     Example:
         >>> import torch, timm, tokenopt
@@ -187,17 +189,21 @@ def token_counts(gm: fx.GraphModule, *inputs) -> dict[int, "torch.Tensor"]:
 
     info: ModelInfo = gm.meta[MODEL_INFO]
     block_of_out = {b.x_out: b.index for b in info.blocks}
+    sources = gm.meta.get("tokenopt.count_nodes", {})  # block -> ("valid" | "cu", node name)
+    wanted = {name: kind for kind, name in sources.values()}
+    seen: dict[str, torch.Tensor] = {}
     counts: dict[int, torch.Tensor] = {}
-    valid = []
 
     class _Recorder(fx.Interpreter):
         def run_node(self, n):
             out = super().run_node(n)
-            if n.meta.get(META_ROLE) == "tokens.select":  # returns (idx, valid)
-                valid.append(out[1])
+            if n.name in wanted:
+                seen[n.name] = out.sum(1) if wanted[n.name] == "valid" else out[1:] - out[:-1]
             if n in block_of_out:
+                src = sources.get(block_of_out[n])
                 counts[block_of_out[n]] = (
-                    valid[-1].sum(1) if valid else torch.full((out.shape[0],), out.shape[1], dtype=torch.long)
+                    seen[src[1]] if src is not None
+                    else torch.full((out.shape[0],), out.shape[1], dtype=torch.long)
                 )
             return out
 

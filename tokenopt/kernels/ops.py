@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 import torch
@@ -48,14 +49,16 @@ PACKED = {"pack_index", "gather_rows", "unpack", "packed_cls_attention", "varlen
 
 
 def _fresh(out, inputs):
-    """Custom ops may not return their inputs (or views of them): copy those outputs."""
-    ids = {id(t) for t in inputs if isinstance(t, Tensor)}
-    bases = {id(t._base) for t in inputs if isinstance(t, Tensor) and t._base is not None} | ids
+    """Custom-op outputs are fresh, contiguous tensors (what the fake implementations promise): an
+    output that is an input, a view of one, or strided otherwise is copied."""
+    storages = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, Tensor) and t.numel()}
 
     def fix(t):
-        if isinstance(t, Tensor) and (id(t) in ids or t._base is not None and id(t._base) in bases or t._base is not None):
-            return t.clone()
-        return t
+        if not isinstance(t, Tensor):
+            return t
+        if t.numel() and t.untyped_storage().data_ptr() in storages:
+            return t.clone(memory_format=torch.contiguous_format)
+        return t.contiguous()
 
     return tuple(fix(t) for t in out) if isinstance(out, tuple) else fix(out)
 
@@ -65,7 +68,11 @@ def _op(name: str, reference: Callable, grads: tuple[int, ...] = ()):
     the tensor arguments it is differentiable in."""
 
     def deco(fn):
-        op = custom_op(f"tokenopt::{name}", mutates_args=())(fn)
+        @functools.wraps(fn)
+        def impl(*args, **kwargs):
+            return _fresh(fn(*args, **kwargs), args + tuple(kwargs.values()))
+
+        op = custom_op(f"tokenopt::{name}", mutates_args=())(impl)
         REFERENCES[name] = reference
         if grads:
             DIFFERENTIABLE[name] = grads
@@ -130,7 +137,7 @@ def value_norms(v: Tensor) -> Tensor:
 
 @value_norms.register_fake
 def _(v):
-    return v.new_empty(v.shape[0], v.shape[2], dtype=torch.float32)
+    return v.new_empty(v.shape[0], v.shape[2], dtype=torch.promote_types(v.dtype, torch.float32))
 
 
 def _ats_ref(cls_attn, vnorm, num_prefix, num_samples, min_tokens, valid, width):
@@ -145,7 +152,7 @@ def ats_select(
 ) -> tuple[Tensor, Tensor]:
     """ATS scores and inverse-transform sampling -> ``(idx, valid) [B, P + width]`` =
     ``reference.ats_scores_from_norms`` -> ``reference.ats_select(..., width)``."""
-    return _fresh(_ats_ref(cls_attn, vnorm, num_prefix, num_samples, min_tokens, valid, width), (valid,))
+    return _ats_ref(cls_attn, vnorm, num_prefix, num_samples, min_tokens, valid, width)
 
 
 @ats_select.register_fake
@@ -207,7 +214,7 @@ def _(x, idx, dim):
 @_op("pad_indices", ref.pad_indices)
 def pad_indices(idx: Tensor, valid: Optional[Tensor], width: int) -> tuple[Tensor, Tensor]:
     """``idx``/``valid`` widened to ``width`` = ``reference.pad_indices``."""
-    return _fresh(ref.pad_indices(idx, valid, width), (idx, valid))
+    return ref.pad_indices(idx, valid, width)
 
 
 @pad_indices.register_fake
@@ -226,7 +233,7 @@ def _(valid_in, idx, valid):
     return idx.new_empty(idx.shape, dtype=torch.bool)
 
 
-@_op("token_bias", ref.token_bias)
+@_op("token_bias", ref.token_bias, grads=(1,))
 def token_bias(valid: Optional[Tensor], size: Optional[Tensor], dtype: torch.dtype) -> Tensor:
     """Key bias ``[B, 1, 1, N]`` from validity and merge sizes = ``reference.token_bias``."""
     return ref.token_bias(valid, size, dtype)
@@ -260,7 +267,7 @@ def _(slot, num_slots, valid_in=None):
     return slot.new_empty(slot.shape[0], num_slots, dtype=torch.bool)
 
 
-@_op("weighted_mean", ref.weighted_mean, grads=(0,))
+@_op("weighted_mean", ref.weighted_mean, grads=(0, 2))
 def weighted_mean(x: Tensor, valid: Optional[Tensor], size: Optional[Tensor], start: int, end: Optional[int]) -> Tensor:
     """Pooling over valid tokens weighted by size = ``reference.weighted_mean``."""
     return ref.weighted_mean(x, valid, size, start, end)
@@ -313,7 +320,7 @@ def _(x, cu, capacity):
     return x.new_empty(shape), x.new_empty(b, capacity, dtype=torch.bool)
 
 
-@_op("packed_cls_attention", ref.packed_cls_attention)
+@_op("packed_cls_attention", ref.packed_cls_attention, grads=(0, 1, 2))
 def packed_cls_attention(
     q: Tensor, k: Tensor, v: Tensor, cu: Tensor, capacity: int, scale: float, size: Optional[Tensor] = None
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -328,7 +335,7 @@ def _(q, k, v, cu, capacity, scale, size=None):
             q.new_empty(b, capacity, dtype=torch.bool))
 
 
-@_op("varlen_attention", ref.varlen_attention_padded, grads=(0, 1, 2))
+@_op("varlen_attention", ref.varlen_attention_padded, grads=(0, 1, 2, 8))
 def varlen_attention(
     q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Optional[Tensor], cap_q: int, cap_k: int, scale: float,
     key_bias: Optional[Tensor] = None,
@@ -353,7 +360,7 @@ def _(x, cu, index):
     return x.new_empty(cu.shape[0] - 1, x.shape[2])
 
 
-@_op("packed_mean", ref.packed_weighted_mean, grads=(0,))
+@_op("packed_mean", ref.packed_weighted_mean, grads=(0, 2))
 def packed_mean(x: Tensor, cu: Tensor, size: Optional[Tensor], start: int, end: Optional[int]) -> Tensor:
     """Per-image (size-weighted) mean of a packed buffer = ``reference.packed_weighted_mean``."""
     return ref.packed_weighted_mean(x, cu, size, start, end)

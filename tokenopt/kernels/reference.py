@@ -47,6 +47,11 @@ __all__ = [
 ]
 
 
+def _up(t: torch.Tensor) -> torch.Tensor:
+    """At least float32 (half precision is upcast for softmax and norms; float64 stays float64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def cls_attention(q: torch.Tensor, k: torch.Tensor, scale: float, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Softmax attention row of the CLS query (token 0) over all keys: ``[B, H, N]``.
 
@@ -56,7 +61,7 @@ def cls_attention(q: torch.Tensor, k: torch.Tensor, scale: float, bias: Optional
     logits = torch.matmul(q[:, :, :1], k.transpose(-2, -1)) * scale  # [B, H, 1, N]
     if bias is not None:
         logits = logits + bias
-    return torch.softmax(logits.float(), dim=-1).squeeze(2).to(q.dtype)
+    return torch.softmax(_up(logits), dim=-1).squeeze(2).to(q.dtype)
 
 
 def ats_scores(
@@ -146,10 +151,10 @@ def evit_fuse(x: torch.Tensor, cls_attn: torch.Tensor, idx: torch.Tensor, num_pr
     """EViT's fused token ``[B, 1, C]``: the dropped patch tokens summed with their head-averaged CLS
     attention as weights (EViT code: ``sum(non_topk * non_topk_attn)``, not renormalised)."""
     b, n, c = x.shape
-    w = cls_attn.float().mean(dim=1)  # [B, N]
-    dropped = torch.ones(b, n, dtype=torch.bool, device=x.device)
-    dropped[:, :num_prefix] = False
-    dropped.scatter_(1, idx, False)
+    w = _up(cls_attn).mean(dim=1)  # [B, N]
+    # out of place throughout: the ONNX export decomposes this function
+    dropped = (torch.arange(n, device=x.device) >= num_prefix).expand(b, n)
+    dropped = dropped.scatter(1, idx, torch.zeros_like(idx, dtype=torch.bool))
     w = (w * dropped).to(x.dtype)
     return torch.bmm(w.unsqueeze(1), x)  # [B, 1, C]
 
@@ -422,8 +427,8 @@ def cls_attention_masked(q: torch.Tensor, k: torch.Tensor, scale: float, bias: O
 
 
 def value_norms(v: torch.Tensor) -> torch.Tensor:
-    """Norm of each token's value over all heads: ``[B, H, N, D]`` -> ``[B, N]`` (float32)."""
-    return torch.linalg.vector_norm(v.float(), dim=(1, 3))
+    """Norm of each token's value over all heads: ``[B, H, N, D]`` -> ``[B, N]`` (at least float32)."""
+    return torch.linalg.vector_norm(_up(v), dim=(1, 3))
 
 
 def pad_indices(idx: torch.Tensor, valid: Optional[torch.Tensor], width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -460,9 +465,9 @@ def tome_slots(metric: torch.Tensor, r: int, num_prefix: int, active: Optional[i
     na = (active - num_prefix + 1) // 2
     nb = (active - num_prefix) // 2
     n_unm = unm.shape[1]
-    a_slot = torch.empty(bsz, na, dtype=torch.long, device=metric.device)
-    a_slot.scatter_(1, unm, torch.arange(n_unm, device=metric.device).expand(bsz, n_unm) + num_prefix)
-    a_slot.scatter_(1, src, dst + num_prefix + n_unm)
+    a_slot = torch.zeros(bsz, na, dtype=torch.long, device=metric.device)  # out of place: ONNX-friendly
+    a_slot = a_slot.scatter(1, unm, torch.arange(n_unm, device=metric.device).expand(bsz, n_unm) + num_prefix)
+    a_slot = a_slot.scatter(1, src, dst + num_prefix + n_unm)
     b_slot = (torch.arange(nb, device=metric.device) + num_prefix + n_unm).expand(bsz, nb)
     patch = torch.stack([a_slot[:, :nb], b_slot], dim=2).flatten(1)  # A, B alternate from the first patch
     if na > nb:
@@ -602,7 +607,7 @@ def varlen_attention_padded(
         kp, kvalid = unpack(k, cu_k, cap_k)
         vp, _ = unpack(v, cu_k, cap_k)
         bias = torch.zeros(kvalid.shape, dtype=q.dtype, device=q.device).masked_fill(~kvalid, float("-inf"))[:, None, None]
-    logits = torch.matmul(qp, kp.transpose(-2, -1)).float() * scale
+    logits = _up(torch.matmul(qp, kp.transpose(-2, -1))) * scale
     if bias is not None:
         logits = logits + bias
     o = torch.matmul(torch.softmax(logits, dim=-1).nan_to_num(0.0).to(vp.dtype), vp)  # [B, H, cap_q, D]

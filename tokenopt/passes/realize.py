@@ -368,10 +368,10 @@ class RealizeTokens:
             b = ins(aten.sym_size.int, x, 0)
             x = ins(aten.cat.default, [x, decision.extra], 1)
             if size is not None:
-                one = ins(aten.ones.default, [b, e, 1], dtype=P.val(state.size).dtype, device=P.val(state.size).device)
+                one = ins(aten.new_ones.default, state.size, [b, e, 1])
                 size = ins(aten.cat.default, [size, one], 1, role="tokens.size")
             if valid is not None:
-                ones = ins(aten.ones.default, [b, e], dtype=torch.bool, device=P.val(decision.idx).device)
+                ones = ins(aten.new_ones.default, decision.idx, [b, e], dtype=torch.bool)
                 valid = ins(aten.cat.default, [valid, ones], 1, role="tokens.valid")
             length = width + e
             if self.mode == "masked" and length < state.length:  # pad after the extras
@@ -380,7 +380,7 @@ class RealizeTokens:
                 if size is not None:
                     size = ins(aten.constant_pad_nd.default, size, [0, 0, 0, pad])
                 if valid is None:
-                    valid = ins(aten.ones.default, [b, length], dtype=torch.bool, device=P.val(decision.idx).device)
+                    valid = ins(aten.new_ones.default, decision.idx, [b, length], dtype=torch.bool)
                 valid = ins(aten.constant_pad_nd.default, valid, [0, pad], 0.0, role="tokens.valid")
                 length = state.length
         adaptive = decision.valid is not None or state.active is None

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from tokenopt.ir import META_BLOCK, META_ROLE, stamp
+from tokenopt.ir import META_BLOCK, META_PROVENANCE, META_ROLE, stamp
 from tokenopt.passes import patterns as P
 from tokenopt.passes.find_blocks import get_model_info
 from tokenopt.passes.realize import RewriteError
@@ -39,7 +39,7 @@ def retarget_token_sizes(gm: fx.GraphModule) -> int:
     ``torch.export`` records ``reshape(x, [s0, 197, 3, H, D])``; once tokens are dropped that 197 is
     wrong, and once they are packed into ``[1, T, C]`` so is the batch ``s0``. For each such node after
     the first inserted token op, the size is replaced by ``sym_size(input, d)`` where ``d`` is the one
-    input axis that had that size at capture. A node where that is ambiguous raises
+    input axis that had that size at capture; ``view`` becomes ``reshape``. A node where that is ambiguous raises
     :class:`RewriteError` naming it.
 
     Returns:
@@ -51,9 +51,14 @@ def retarget_token_sizes(gm: fx.GraphModule) -> int:
     started, replaced = False, 0
     for node in list(gm.graph.nodes):
         # everything before the first token op still sees the captured token count
-        started = started or str(node.meta.get(META_ROLE, "")).startswith("tokens.")
+        started = started or str(node.meta.get(META_ROLE, "")).startswith("tokens.") or (
+            node.meta.get(META_PROVENANCE, {}).get("pass") == "realize_tokens")
         if not started or not P.is_call(node, _VIEW_OPS):
             continue
+        if node.target == aten.view.default:
+            # attention that now takes a mask may lay its output out differently (its decomposed
+            # form does), and a view of that would fail: reshape is a view where one is possible
+            node.target = aten.reshape.default
         shape = list(node.args[1])
         src = node.args[0]
         src_val = P.val(src)
