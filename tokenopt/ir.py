@@ -120,8 +120,10 @@ class BlockInfo:
 class HeadReader:
     """How the model's head reads the token sequence after the last block.
 
-    ``kind`` is ``"token"`` (one token, ``index``), ``"mean"`` (mean over ``start:end``), ``"tokens"``
-    (the whole sequence is returned or used as is) or ``"other"``.
+    ``kind`` is ``"token"`` (one token, ``index``), ``"mean"`` (mean over ``start:end``),
+    ``"attn_pool"`` (a learned query attends to every token, as SigLIP's MAP head: ``attention``
+    describes that attention, ``node`` is its core), ``"tokens"`` (the whole sequence is returned or
+    used as is) or ``"other"``.
     """
 
     kind: str
@@ -129,6 +131,7 @@ class HeadReader:
     index: Optional[int] = None
     start: int = 0
     end: Optional[int] = None
+    attention: Optional["AttentionInfo"] = None
 
 
 @dataclass
@@ -168,7 +171,8 @@ class ModelInfo:
             "attention": sorted({b.attention.kind for b in self.blocks}),
             "layer_scale": any(b.layer_scale1 is not None for b in self.blocks),
             "head_readers": [
-                dataclasses.replace(r, node=None).__dict__ | {"node": r.node.name} for r in self.head_readers
+                dataclasses.replace(r, node=None, attention=None).__dict__ | {"node": r.node.name}
+                for r in self.head_readers
             ],
         }
 
@@ -222,11 +226,14 @@ class Keep:
 class Merge:
     """Merge tokens: token ``j`` of an image goes to slot ``slot[:, j]`` (``-1``: dropped) of
     ``num_slots`` slots; a slot is the size-weighted mean of its tokens and its size their sum.
-    ``proportional``: later attention adds ``log(size)`` to the logits (ToMe's proportional attention)."""
+    ``proportional``: later attention adds ``log(size)`` to the logits (ToMe's proportional attention).
+    ``rep``: which token stands for its slot (its original position indexes rotary and relative-position
+    tables afterwards); needed only on models that have such tables."""
 
     slot: fx.Node
     num_slots: int
     proportional: bool = True
+    rep: Optional[fx.Node] = None  # [B, N] bool: the token whose position a slot keeps (side tables)
 
 
 @dataclass

@@ -371,6 +371,71 @@ def _(x, cu, size, start, end):
     return x.new_empty(cu.shape[0] - 1, x.shape[2])
 
 
+# --- per-token side tables -------------------------------------------------------------------------
+
+
+@_op("token_positions", ref.token_positions)
+def token_positions(like: Tensor, n: int) -> Tensor:
+    """Original positions ``[B, n]`` = ``reference.token_positions``."""
+    return ref.token_positions(like, n)
+
+
+@token_positions.register_fake
+def _(like, n):
+    return like.new_empty(like.shape[0], n, dtype=torch.long)
+
+
+@_op("side_gather", ref.side_gather, grads=(0,))
+def side_gather(table: Tensor, pos: Tensor, axis: int, offset: int, rank: int) -> Tensor:
+    """A per-token table gathered for every image's current tokens = ``reference.side_gather``."""
+    return ref.side_gather(table, pos, axis, offset, rank)
+
+
+@side_gather.register_fake
+def _(table, pos, axis, offset, rank):
+    while table.dim() > rank - 1 and table.shape[0] == 1:
+        table = table[0]
+    shape = list(table.shape)
+    shape[table.dim() + axis] = pos.shape[1] - offset
+    return table.new_empty([pos.shape[0]] + [1] * (rank - 1 - len(shape)) + shape)
+
+
+@_op("pair_gather", ref.pair_gather, grads=(0,))
+def pair_gather(table: Tensor, pos_q: Tensor, pos_k: Tensor) -> Tensor:
+    """A pairwise table for every image's current query/key tokens = ``reference.pair_gather``."""
+    return ref.pair_gather(table, pos_q, pos_k)
+
+
+@pair_gather.register_fake
+def _(table, pos_q, pos_k):
+    lead = list(table.shape[:-2])
+    while lead and lead[0] == 1:
+        lead = lead[1:]
+    return table.new_empty([pos_q.shape[0]] + lead + [pos_q.shape[1], pos_k.shape[1]])
+
+
+@_op("slot_positions", ref.slot_positions)
+def slot_positions(pos: Tensor, slot: Tensor, rep: Tensor, num_slots: int) -> Tensor:
+    """Original positions after a merge = ``reference.slot_positions``."""
+    return ref.slot_positions(pos, slot, rep, num_slots)
+
+
+@slot_positions.register_fake
+def _(pos, slot, rep, num_slots):
+    return pos.new_empty(pos.shape[0], num_slots)
+
+
+@_op("tome_representatives", ref.tome_representatives)
+def tome_representatives(slot: Tensor, num_prefix: int, active: Optional[int] = None) -> Tensor:
+    """Which token stands for its slot after ToMe = ``reference.tome_representatives``."""
+    return ref.tome_representatives(slot, num_prefix, active)
+
+
+@tome_representatives.register_fake
+def _(slot, num_prefix, active=None):
+    return slot.new_empty(slot.shape, dtype=torch.bool)
+
+
 def _register_decompositions() -> None:
     """Into ``torch._decomp.decomposition_table`` (read by ONNX export), except the packed ops: their
     sizes depend on values, so they must keep their fake implementation (an unbacked size) under

@@ -651,3 +651,68 @@ def weighted_mean(
     if valid is not None:
         w = torch.where(valid[:, start:end, None], w, 0)
     return torch.where(w > 0, xs, 0).mul(w).sum(1) / w.sum(1).clamp_min(torch.finfo(x.dtype).tiny)
+
+
+# --- per-token side tables (rotary tables, relative-position biases) ------------------------------
+
+
+def token_positions(like: torch.Tensor, n: int) -> torch.Tensor:
+    """``[B, n]``: every image's tokens at their original positions ``0..n-1`` (``like`` gives B)."""
+    return torch.arange(n, device=like.device).expand(like.shape[0], n)
+
+
+def side_gather(table: torch.Tensor, pos: torch.Tensor, axis: int, offset: int, rank: int) -> torch.Tensor:
+    """A table indexed by original token position, for every image's current tokens.
+
+    ``table`` has its token axis at ``axis`` (negative, counted from the right) covering original
+    tokens ``offset..`` (``offset`` = prefix tokens for a patch-only rotary table); ``pos`` ``[B, L]``
+    holds the original position of each current token (``pos[:, offset:]`` are the ones the table
+    covers). Returns the table with that axis gathered per image, batch first, broadcastable against
+    a ``rank``-dimensional operand: ``[B, 1, ..., *table.shape]`` with the token axis of size
+    ``L - offset``.
+    """
+    while table.dim() > rank - 1 and table.shape[0] == 1:
+        table = table[0]
+    ax = table.dim() + axis
+    idx = (pos[:, offset:] - offset).clamp(min=0)  # padding positions read row 0; they are masked anyway
+    moved = table.movedim(ax, 0)  # [N, ...]
+    out = moved[idx]  # [B, L', ...]
+    out = out.movedim(1, ax + 1)  # the token axis back in place, batch in front
+    return out.reshape(out.shape[:1] + (1,) * (rank - out.dim()) + out.shape[1:])
+
+
+def pair_gather(table: torch.Tensor, pos_q: torch.Tensor, pos_k: torch.Tensor) -> torch.Tensor:
+    """A pairwise table ``[..., N, N]`` (a relative-position bias) for each image's current query and key
+    tokens: ``[B, ..., Lq, Lk]`` (``pos_q`` ``[B, Lq]``, ``pos_k`` ``[B, Lk]`` original positions)."""
+    lead = table.shape[:-2]
+    while len(lead) and lead[0] == 1:
+        table, lead = table[0], lead[1:]
+    b = pos_q.shape[0]
+    flat = table.reshape(-1, table.shape[-2], table.shape[-1])  # [G, N, N]
+    rows = flat[:, pos_q]  # [G, B, Lq, N]
+    out = torch.gather(rows, 3, pos_k[None, :, None, :].expand(rows.shape[0], b, pos_q.shape[1], pos_k.shape[1]))
+    return out.movedim(1, 0).reshape((b,) + tuple(lead) + (pos_q.shape[1], pos_k.shape[1]))
+
+
+def slot_positions(pos: torch.Tensor, slot: torch.Tensor, rep: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """Original positions after a merge: slot ``s`` takes the position of its representative token
+    (``rep`` ``[B, L]`` True on the one token per slot that stands for it, e.g. ToMe's destination)."""
+    target = torch.where(rep & (slot >= 0), slot, num_slots)  # everything else goes to a spare slot
+    out = torch.zeros(pos.shape[0], num_slots + 1, dtype=pos.dtype, device=pos.device)
+    return out.scatter(1, target, pos)[:, :num_slots]
+
+
+def tome_representatives(slot: torch.Tensor, num_prefix: int, active: Optional[int] = None) -> torch.Tensor:
+    """``[B, N]`` bool: the token that stands for its slot after ToMe merges: prefix tokens, every B
+    token (the merge destinations) and the A tokens that were not merged (ToMe's surviving tokens)."""
+    n = slot.shape[1]
+    active = n if active is None else active
+    j = torch.arange(n, device=slot.device)
+    patch = j - num_prefix
+    a_tokens = (patch >= 0) & (patch % 2 == 0) & (j < active)
+    if active - num_prefix < 2:  # no B token: nothing was merged
+        return slot >= 0
+    # B tokens hold the last slots (P + unmerged A + b); an A token in that region was merged into one
+    b_first = slot[:, num_prefix + 1:active:2].amin(dim=1, keepdim=True)
+    merged_a = a_tokens & (slot >= b_first)
+    return (slot >= 0) & ~merged_a

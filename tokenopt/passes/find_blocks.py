@@ -231,8 +231,15 @@ def _prefix_tokens(finder: _Finder, x_in: fx.Node, tokens: int) -> tuple[int, Op
     return count(cat), cat
 
 
-def _head_readers(finder: _Finder, x_out: fx.Node) -> list[HeadReader]:
+def _head_readers(finder: _Finder, x_out: fx.Node, pools: list[AttentionInfo] = ()) -> list[HeadReader]:
     readers, frontier, seen = [], [x_out], set()
+    # the keys/values of a pooling head's attention, and everything computing them from the tokens
+    pool_inputs = {}
+    for pool in pools:
+        for n in (pool.k, pool.v):
+            for a in finder.ancestors(n) | {n}:
+                pool_inputs.setdefault(a, pool)
+    found_pools = set()
     while frontier:
         node = frontier.pop(0)
         for user in node.users:
@@ -240,7 +247,12 @@ def _head_readers(finder: _Finder, x_out: fx.Node) -> list[HeadReader]:
                 continue
             seen.add(user)
             nd = P.rank(node)
-            if user.op == "output":
+            if user in pool_inputs and not P.is_call(user, P.ROWWISE_OPS):
+                pool = pool_inputs[user]
+                if pool.core not in found_pools:  # the tokens reach a pooling query's keys and values
+                    found_pools.add(pool.core)
+                    readers.append(HeadReader("attn_pool", pool.core, attention=pool))
+            elif user.op == "output":
                 readers.append(HeadReader("tokens", node))
             elif P.is_call(user, P.SELECT_OPS) and P.norm_dim(user.args[1], nd) == 1:
                 readers.append(HeadReader("token", user, index=int(user.args[2])))
@@ -296,12 +308,16 @@ def find_blocks(gm: fx.GraphModule) -> PassResult:
     residuals = finder.residual_adds()
     cores_set = {c.core for c in cores}
     blocks: list[BlockInfo] = []
+    pools: list[AttentionInfo] = []  # attention with no residual around it, after the blocks: a pooling head
     for att in cores:
         attn_res = next(
             (r for r in residuals
              if att.core in finder.ancestors(r[2]) | {r[2]} and att.core not in finder.ancestors(r[1])),
             None,
         )
+        if attn_res is None and blocks and finder.order[att.core] > finder.order[blocks[-1].x_out]:
+            pools.append(att)
+            continue
         if attn_res is None:
             raise BlockStructureError(
                 f"attention node {att.core.name} ({_module_path(att.core) or 'unknown module'}) in {name} "
@@ -381,7 +397,7 @@ def find_blocks(gm: fx.GraphModule) -> PassResult:
         token_axis=1,
         num_prefix_tokens=prefix,
         num_patch_tokens=tokens - prefix,
-        head_readers=_head_readers(finder, blocks[-1].x_out),
+        head_readers=_head_readers(finder, blocks[-1].x_out, pools),
         image_input=finder.image,
         prefix_cat=cat,
     )

@@ -71,6 +71,8 @@ class TokenState:
     cu: Optional[fx.Node] = None  # [B + 1] packed offsets
     proportional: bool = False
     count: Optional[fx.Node] = None  # node whose value gives per-image counts (valid or cu)
+    pos: Optional[fx.Node] = None  # [B, length] original position of each token (models with side tables)
+    changed: bool = False  # a decision has been realised: the tokens differ from the captured ones
 
     @property
     def packed(self) -> bool:
@@ -115,6 +117,11 @@ class DecisionContext:
                  site: str, anchor: fx.Node, x: Optional[fx.Node], policy: str):
         self._r, self.gm, self.block, self._state, self.site = realizer, gm, blk, state, site
         self.num_prefix, self.num_patches = info.num_prefix_tokens, info.num_patch_tokens
+        # token 0 is a CLS token when the head reads it, or when it is the only prefix token (a pooling
+        # model that keeps its class token); several prefix tokens none of which the head reads are
+        # registers, and a register's attention is no CLS score
+        self.has_cls = info.num_prefix_tokens == 1 or info.num_prefix_tokens > 1 and any(
+            r.kind == "token" and r.index == 0 for r in info.head_readers)
         self.length, self.tokens, self.policy = state.length, state.active, policy
         self.call = _Inserter(gm, anchor, blk.index, policy)
         self._x = x
@@ -132,6 +139,11 @@ class DecisionContext:
     @property
     def packed(self) -> bool:
         return self._state.packed
+
+    @property
+    def needs_positions(self) -> bool:
+        """The model indexes tables by token position: a Merge must say which token keeps its place (rep)."""
+        return self._r.needs_positions
 
     @property
     def valid(self) -> Optional[fx.Node]:
@@ -206,7 +218,18 @@ class RealizeTokens:
         counts: dict[int, Any] = {}
         count_nodes: dict[int, tuple[str, str]] = {}
         decided = 0
+        self.tables, side_uses = _side_tables(gm, info)
+        self.needs_positions = bool(self.tables) and bool(plan)
+        if self.needs_positions:  # original positions, to index the tables for each image's tokens
+            first = info.blocks[0].x_in
+            state.pos = _Inserter(gm, first.next, 0, "")(tk.token_positions.default, first, info.num_tokens,
+                                                        role="tokens.pos")
         for blk in info.blocks:
+            if state.changed:
+                for node, arg, table, axis, offset, rank in side_uses.get(blk.index, []):
+                    ins = _Inserter(gm, node, blk.index, "")
+                    node.update_arg(arg, ins(tk.side_gather.default, table, state.pos, axis, offset, rank,
+                                             role="tokens.side"))
             att_decisions = by_site.get((blk.index, "attn"), [])
             here = [d for site in SITES for d in by_site.get((blk.index, site), [])]
             if len(here) > 1:  # the second would need this block's keys for the first one's tokens
@@ -222,6 +245,7 @@ class RealizeTokens:
             for d in by_site.get((blk.index, "post_attn"), []):
                 x, n = self._post_attn_site(gm, info, blk, state, d, x)
                 decided += n
+            state.changed = state.changed or decided > 0
             counts[blk.index] = state.active
             if state.count is not None:
                 count_nodes[blk.index] = ("cu" if state.packed else "valid", state.count.name)
@@ -244,7 +268,8 @@ class RealizeTokens:
 
     # -- attention over the current tokens -----------------------------------------------------------
     def _attend(self, gm, blk: BlockInfo, state: TokenState, q: Optional[fx.Node] = None,
-                cu_q: Optional[fx.Node] = None, cap_q: Optional[int] = None, policy: str = "") -> None:
+                cu_q: Optional[fx.Node] = None, cap_q: Optional[int] = None, policy: str = "",
+                pos_q: Optional[fx.Node] = None) -> None:
         att = blk.attention
         if state.packed or cu_q is not None:
             if att.kind != "sdpa" or att.attn_mask is not None:
@@ -262,6 +287,15 @@ class RealizeTokens:
             return
         if q is not None:
             att.core.update_arg(0, q)
+        mask = att.attn_mask
+        if mask is not None and mask in self.tables and (state.changed or pos_q is not None):
+            # a relative-position bias sized N x N: each image's entries for its current tokens
+            ins = _Inserter(gm, att.core, blk.index, policy)
+            pm = ins(tk.pair_gather.default, mask, pos_q if pos_q is not None else state.pos, state.pos,
+                     role="tokens.side")
+            bias = pm if state.bias is None else ins(aten.add.Tensor, pm, state.bias, role="tokens.bias")
+            P.set_sdpa_mask(att.core, bias)
+            return
         if state.bias is not None:
             if att.kind != "sdpa":
                 raise RewriteError(
@@ -288,7 +322,7 @@ class RealizeTokens:
             self.decisions.append({"block": blk.index, "kind": "merge", "slot": decision.slot.name})
         return decision, ctx.call
 
-    def _attn_site(self, gm, info, blk, state, d) -> int:
+    def _attn_site(self, gm, info, blk, state, d) -> int:  # noqa: C901
         att = blk.attention
         if att.kind != "sdpa":
             raise RewriteError(f"block {blk.index}: {d.policy} decides inside attention, which needs the "
@@ -312,7 +346,8 @@ class RealizeTokens:
             return 1
         idx, valid, width = self._widen(ins, decision, state)
         q_sel = ins(tk.gather_tokens.default, att.q, idx, 2)
-        self._attend(gm, blk, old, q=q_sel)
+        pos_q = ins(tk.gather_tokens.default, state.pos, idx, 1) if state.pos is not None else None
+        self._attend(gm, blk, old, q=q_sel, pos_q=pos_q)
         ins.anchor = blk.attn_add
         x_sel = ins(tk.gather_tokens.default, blk.x_in, idx, 1)
         blk.attn_add.replace_input_with(blk.x_in, x_sel)
@@ -362,6 +397,7 @@ class RealizeTokens:
         if state.valid is not None:
             valid = ins(tk.gather_valid.default, state.valid, idx, valid, role="tokens.valid")
         size = ins(tk.gather_tokens.default, state.size, idx, 1, role="tokens.size") if state.size is not None else None
+        pos = ins(tk.gather_tokens.default, state.pos, idx, 1, role="tokens.pos") if state.pos is not None else None
         e = decision.extra_count
         length = width
         if decision.extra is not None:
@@ -373,6 +409,8 @@ class RealizeTokens:
             if valid is not None:
                 ones = ins(aten.new_ones.default, decision.idx, [b, e], dtype=torch.bool)
                 valid = ins(aten.cat.default, [valid, ones], 1, role="tokens.valid")
+            if pos is not None:  # an appended token has no place of its own: it reads position 0
+                pos = ins(aten.cat.default, [pos, ins(aten.new_zeros.default, pos, [b, e])], 1, role="tokens.pos")
             length = width + e
             if self.mode == "masked" and length < state.length:  # pad after the extras
                 pad = state.length - length
@@ -382,14 +420,20 @@ class RealizeTokens:
                 if valid is None:
                     valid = ins(aten.new_ones.default, decision.idx, [b, length], dtype=torch.bool)
                 valid = ins(aten.constant_pad_nd.default, valid, [0, pad], 0.0, role="tokens.valid")
+                if pos is not None:
+                    pos = ins(aten.constant_pad_nd.default, pos, [0, pad], 0.0, role="tokens.pos")
                 length = state.length
         adaptive = decision.valid is not None or state.active is None
         state.active = None if adaptive else decision.width + e
-        state.length, state.valid, state.size = length, valid, size
+        state.length, state.valid, state.size, state.pos = length, valid, size, pos
         self._rebias(ins, state)
         return x
 
     def _pack(self, ins, decision: Keep, state: TokenState, d) -> tuple[fx.Node, fx.Node]:
+        if self.needs_positions:
+            raise RewriteError(
+                f"block {d.block}: {d.policy} packs tokens, but this model indexes rotary or relative-position "
+                "tables by token position, which packed tokens do not carry yet; use mode='padded'")
         if state.size is not None and state.proportional:
             raise RewriteError(
                 f"block {d.block}: {d.policy} packs tokens after a merge with proportional attention, which "
@@ -420,6 +464,13 @@ class RealizeTokens:
         valid = None
         if self.mode == "masked" and slots > decision.num_slots:
             valid = ins(tk.slots_valid.default, decision.slot, slots, state.valid, role="tokens.valid")
+        if state.pos is not None:
+            if decision.rep is None:
+                raise RewriteError(
+                    f"block {d.block}: {d.policy} merges tokens without naming which token stands for each "
+                    "merged one, but this model indexes rotary or relative-position tables by token position; "
+                    "the policy's Merge needs rep=")
+            state.pos = ins(tk.slot_positions.default, state.pos, decision.slot, decision.rep, slots, role="tokens.pos")
         state.length, state.active, state.size, state.valid = slots, decision.num_slots, size, valid
         state.proportional = state.proportional or decision.proportional
         self._rebias(ins, state)
@@ -434,6 +485,27 @@ class RealizeTokens:
         state.count = state.valid
 
     # -- the head ------------------------------------------------------------------------------------
+    def _rewire_pool(self, gm, ins, reader, state: TokenState) -> None:
+        """A pooling query attends to the reduced tokens: padding masked, merged tokens weighted by size."""
+        att = reader.attention
+        if att.kind != "sdpa" or att.attn_mask is not None:
+            raise RewriteError(
+                f"the pooling head's attention {att.core.name} is not a plain SDPA without a model mask, so it "
+                "cannot be given the reduced tokens; use policy='none' for this model")
+        ins.anchor = att.core
+        if state.packed:  # the keys/values are packed: lay each image's out again (static capacity)
+            k, valid = ins.items(ins(tk.unpack.default, att.k, state.cu, state.length), 2)
+            v, _ = ins.items(ins(tk.unpack.default, att.v, state.cu, state.length), 2)
+            size = None
+            if state.size is not None and state.proportional:
+                size, _ = ins.items(ins(tk.unpack.default, state.size, state.cu, state.length), 2)
+            bias = ins(tk.token_bias.default, valid, size, self.dtype, role="tokens.bias")
+            att.core.update_arg(1, k)
+            att.core.update_arg(2, v)
+            P.set_sdpa_mask(att.core, bias)
+        elif state.bias is not None:
+            P.set_sdpa_mask(att.core, state.bias)
+
     def _rewire_head(self, gm, info: ModelInfo, state: TokenState) -> None:
         for reader in info.head_readers:
             ins = _Inserter(gm, reader.node, -1, "")
@@ -445,6 +517,9 @@ class RealizeTokens:
                 if state.packed:
                     new = ins(tk.packed_select.default, reader.node.args[0], state.cu, reader.index)
                     reader.node.replace_all_uses_with(new)
+                continue
+            if reader.kind == "attn_pool":
+                self._rewire_pool(gm, ins, reader, state)
                 continue
             if reader.kind == "mean":
                 if state.valid is None and state.size is None and not state.packed:
@@ -465,3 +540,45 @@ class RealizeTokens:
                 "token reduction would change that output's shape. Reduce tokens only in models whose head "
                 "reads prefix tokens or pools over tokens")
 
+
+
+_ELEMENTWISE = P.MUL_OPS | P.ADD_OPS | P.DIV_OPS | {torch.ops.aten.sub.Tensor}
+
+
+def _side_tables(gm: fx.GraphModule, info: ModelInfo):
+    """Tables indexed by token position that the blocks read: rotary tables (``[N, D]`` or ``[Np, D]``,
+    multiplied into q/k: EVA-02, RoPE ViTs) and relative-position biases (``[..., N, N]`` attention masks
+    the model computes from parameters: BEiT, relpos ViTs). Found by pattern: an image-independent
+    tensor meeting token data in an elementwise op along an axis of the token count, or an
+    image-independent SDPA mask whose last two axes are the token count.
+
+    Returns ``(tables, uses)``: the set of table nodes, and per block the uses to rewire as
+    ``(node, arg index, table, token axis from the right, offset, rank of the other operand)``.
+    """
+    from tokenopt.passes.find_blocks import _Finder
+
+    image_dep = set(_Finder(gm).g.nodes)
+    n, n_patch = info.num_tokens, info.num_patch_tokens
+    tables: set = set()
+    uses: dict[int, list] = {}
+    for blk in info.blocks:
+        mask = blk.attention.attn_mask
+        mv = P.val(mask)
+        if mask is not None and mask not in image_dep and mv is not None and mv.dim() >= 2 \
+                and tuple(mv.shape[-2:]) == (n, n) and mv.is_floating_point():
+            tables.add(mask)
+        for node in blk.nodes:
+            if not P.is_call(node, _ELEMENTWISE) or len(node.args) < 2:
+                continue
+            for i, (t, other) in enumerate(((node.args[0], node.args[1]), (node.args[1], node.args[0]))):
+                tv, ov = P.val(t), P.val(other)
+                if (tv is None or ov is None or t in image_dep or other not in image_dep or tv.dim() < 2
+                        or ov.dim() < tv.dim()):
+                    continue
+                for axis in range(-tv.dim(), 0):
+                    size = tv.shape[axis]
+                    if isinstance(size, int) and size in (n, n_patch) and size > 1 and ov.shape[axis] == size:
+                        uses.setdefault(blk.index, []).append((node, i, t, axis, n - size, ov.dim()))
+                        tables.add(t)
+                        break
+    return tables, uses

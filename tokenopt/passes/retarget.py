@@ -47,6 +47,7 @@ def retarget_token_sizes(gm: fx.GraphModule) -> int:
     """
     info = get_model_info(gm)
     n0 = info.num_tokens
+    n_patch = info.num_patch_tokens
     batch = P.val(info.image_input).shape[0]
     started, replaced = False, 0
     for node in list(gm.graph.nodes):
@@ -65,11 +66,14 @@ def retarget_token_sizes(gm: fx.GraphModule) -> int:
         if src_val is None:
             continue
         # the captured sizes that may change: the token count, and the batch once tokens are packed
-        for key in (n0, batch):
+        keys = (n0, n_patch, batch) if n_patch != n0 else (n0, batch)
+        for key in keys:
             hits = [i for i, s in enumerate(shape) if _same_size(s, key)]
             if not hits:
                 continue
             dims = [d for d, s in enumerate(src_val.shape) if _same_size(s, key)]
+            if (key is batch or key is n_patch) and not dims:
+                continue  # a parameter expanded to the image batch (a pooling query), or not token data
             if len(hits) != 1 or len(dims) != 1:
                 raise RewriteError(
                     f"cannot tell which size of {node.name} ({node.format_node()}) is {key}: it appears "

@@ -159,8 +159,13 @@ def make_config(policy: Union[str, PolicyConfig, Sequence], **options: Any) -> P
 
 
 def require_cls(ctx, policy: str) -> None:
-    """CLS-attention policies need a CLS token in front (token 0)."""
+    """CLS-attention policies need a CLS token in front (token 0, read by the head)."""
     if ctx.num_prefix < 1:
         raise RewriteError(
             f"{policy} scores tokens by the CLS token's attention, but this model has no prefix token; "
             "use policy='tome', which needs none")
+    if not ctx.has_cls:
+        raise RewriteError(
+            f"{policy} scores tokens by the CLS token's attention, but this model's {ctx.num_prefix} prefix "
+            "token(s) are not read by its head (registers, not a CLS token): a register's attention would "
+            "score the patches by another criterion. Use policy='tome', which needs no CLS token")

@@ -69,6 +69,8 @@ class ToMe(PolicyConfig):
         r = min(r, (active - p + 1) // 2)
         if r <= 0:
             return None
-        slot = ctx.call(torch.ops.tokenopt.tome_slots.default, ctx.key_metric(), r, p,
-                        None if active == ctx.length else active, role="tokens.slot")
-        return Merge(slot, active - r, proportional=self.proportional_attention)
+        part = None if active == ctx.length else active
+        slot = ctx.call(torch.ops.tokenopt.tome_slots.default, ctx.key_metric(), r, p, part, role="tokens.slot")
+        # the merge destinations keep their positions (read only by models with rotary / relative tables)
+        rep = ctx.call(torch.ops.tokenopt.tome_representatives.default, slot, p, part) if ctx.needs_positions else None
+        return Merge(slot, active - r, proportional=self.proportional_attention, rep=rep)
