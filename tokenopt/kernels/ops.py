@@ -443,10 +443,13 @@ def _register_decompositions() -> None:
     are adaptive and do not export to ONNX anyway."""
     from torch._decomp import decomposition_table
 
+    export_forms = {  # where the export form differs from the reference: ONNX has TopK but no sort
+        "tome_slots": lambda metric, r, num_prefix, active=None: ref.tome_slots(metric, r, num_prefix, active, True),
+    }
     for name, fn in REFERENCES.items():
         if name not in PACKED:
             op = getattr(torch.ops.tokenopt, name).default
-            decomposition_table.setdefault(op, fn)
+            decomposition_table.setdefault(op, export_forms.get(name, fn))
 
 
 _register_decompositions()

@@ -173,7 +173,9 @@ def valid_to_bias(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return bias[:, None, None, :]
 
 
-def tome_match(metric: torch.Tensor, r: int, num_prefix: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def tome_match(
+    metric: torch.Tensor, r: int, num_prefix: int, by_topk: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ToMe bipartite soft matching on the patch tokens.
 
     Patch tokens alternate into sets A (even) and B (odd); each A token is matched to its most similar
@@ -185,6 +187,9 @@ def tome_match(metric: torch.Tensor, r: int, num_prefix: int) -> tuple[torch.Ten
     Returns:
         ``unm_idx [B, |A| - r]`` (A tokens kept, ascending), ``src_idx [B, r]`` (A tokens merged) and
         ``dst_idx [B, r]`` (their B partners), all indices within A or B.
+
+    ``by_topk``: order with ``topk`` instead of a stable sort (ONNX has TopK, whose ties go to the lower
+    index as a stable descending sort's do, and no sort): the form the ONNX export uses.
     """
     m = metric[:, num_prefix:].float()
     m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)
@@ -192,8 +197,13 @@ def tome_match(metric: torch.Tensor, r: int, num_prefix: int) -> tuple[torch.Ten
     r = min(r, a.shape[1])
     scores = a @ b.transpose(-1, -2)
     node_max, node_idx = scores.max(dim=-1)
-    edge_idx = node_max.argsort(dim=-1, descending=True, stable=True)
-    unm_idx = torch.sort(edge_idx[:, r:], dim=1).values
+    if by_topk:
+        na = node_max.shape[1]
+        edge_idx = torch.topk(node_max, na, dim=-1, largest=True, sorted=True).indices
+        unm_idx = torch.topk(edge_idx[:, r:], na - r, dim=1, largest=False, sorted=True).values
+    else:
+        edge_idx = node_max.argsort(dim=-1, descending=True, stable=True)
+        unm_idx = torch.sort(edge_idx[:, r:], dim=1).values
     src_idx = edge_idx[:, :r]
     dst_idx = node_idx.gather(1, src_idx)
     return unm_idx, src_idx, dst_idx
@@ -451,7 +461,9 @@ def gather_valid(valid_in: Optional[torch.Tensor], idx: torch.Tensor, valid: Opt
     return kept if valid is None else kept & valid
 
 
-def tome_slots(metric: torch.Tensor, r: int, num_prefix: int, active: Optional[int] = None) -> torch.Tensor:
+def tome_slots(
+    metric: torch.Tensor, r: int, num_prefix: int, active: Optional[int] = None, by_topk: bool = False
+) -> torch.Tensor:
     """ToMe's bipartite soft matching as a merge decision: the output slot of every token ``[B, N]``.
 
     On the first ``active`` tokens (all when None; the rest are padding and get slot -1): prefix
@@ -461,7 +473,7 @@ def tome_slots(metric: torch.Tensor, r: int, num_prefix: int, active: Optional[i
     """
     bsz, n = metric.shape[:2]
     active = n if active is None else active
-    unm, src, dst = tome_match(metric[:, :active], r, num_prefix)
+    unm, src, dst = tome_match(metric[:, :active], r, num_prefix, by_topk)
     na = (active - num_prefix + 1) // 2
     nb = (active - num_prefix) // 2
     n_unm = unm.shape[1]

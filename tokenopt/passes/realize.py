@@ -295,6 +295,7 @@ class RealizeTokens:
                      role="tokens.side")
             bias = pm if state.bias is None else ins(aten.add.Tensor, pm, state.bias, role="tokens.bias")
             P.set_sdpa_mask(att.core, bias)
+            _settle_layout(gm, att.core, blk.index)
             return
         if state.bias is not None:
             if att.kind != "sdpa":
@@ -307,6 +308,8 @@ class RealizeTokens:
                     f"block {blk.index} ({blk.module_path}): attention {att.core.name} already takes a mask from "
                     "the model, sized for the full token count; reduce tokens only after this block (blocks=...)")
             P.set_sdpa_mask(att.core, state.bias)
+            _settle_layout(gm, att.core, blk.index)
+
 
     # -- sites ---------------------------------------------------------------------------------------
     def _decide(self, gm, info, blk, state, d: PlannedDecision, anchor, x):
@@ -540,6 +543,25 @@ class RealizeTokens:
                 "token reduction would change that output's shape. Reduce tokens only in models whose head "
                 "reads prefix tokens or pools over tokens")
 
+
+
+def _settle_layout(gm: fx.GraphModule, core: fx.Node, block: int) -> None:
+    """Give attention that now takes a bias a layout-independent output.
+
+    The model reads the attention output as ``transpose(1, 2)`` then a view. Eager SDPA lays its output
+    out so that view is free; its decomposed form (what ONNX export lowers a biased SDPA to) does
+    not, and the view then fails. A contiguous copy right after the transpose makes the view valid
+    whatever the layout; in eager it is the one copy the view would otherwise have saved.
+    """
+    users = list(core.users)
+    after = users[0] if len(users) == 1 and P.is_call(users[0], P.TRANSPOSE_OPS) else core
+    if any(P.is_call(u, {aten.clone.default}) for u in after.users):
+        return
+    with gm.graph.inserting_after(after):
+        copy = gm.graph.call_function(aten.clone.default, (after,), {"memory_format": torch.contiguous_format})
+    stamp(copy, block=block, **{"pass": "realize_tokens"})
+    copy.meta["val"] = after.meta.get("val")  # the captured shape: retargeting reads it
+    after.replace_all_uses_with(copy, delete_user_cb=lambda u: u is not copy)
 
 
 _ELEMENTWISE = P.MUL_OPS | P.ADD_OPS | P.DIV_OPS | {torch.ops.aten.sub.Tensor}
