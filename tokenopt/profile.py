@@ -73,11 +73,7 @@ class _Inner(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-class _Counter(TorchDispatchMode):
-    def __init__(self, count: DispatchCount):
-        super().__init__()
-        self.count = count
-
+class _Counter(_Inner):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         self.count.ops += 1

@@ -118,10 +118,10 @@ def decompositions() -> dict:
 # --- scoring -----------------------------------------------------------------------------------------
 
 
-@_op("cls_attention", ref.cls_attention_masked, grads=(0, 1))
+@_op("cls_attention", ref.cls_attention, grads=(0, 1))
 def cls_attention(q: Tensor, k: Tensor, scale: float, bias: Optional[Tensor] = None) -> Tensor:
     """CLS-row softmax attention ``[B, H, N]`` = ``reference.cls_attention``."""
-    return ref.cls_attention_masked(q, k, scale, bias)
+    return ref.cls_attention(q, k, scale, bias)
 
 
 @cls_attention.register_fake
