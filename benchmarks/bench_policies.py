@@ -66,7 +66,8 @@ def main(argv=None) -> None:
     for name in args.policies:
         policy, _, mode = name.partition(":")
         gm = tokenopt.optimize(model, policy=policy, **({"mode": mode} if mode else {}))
-        variants.append(Variant(name, gm, repr(gm.meta["tokenopt.policy"]), tokens_per_block(gm, x)))
+        realized = gm.meta["tokenopt.counters"].get("realize_tokens", {}).get("mode", "-")
+        variants.append(Variant(name, gm, f"{gm.meta['tokenopt.policy']!r}, mode={realized}", tokens_per_block(gm, x)))
     results = benchmark(variants, x, rounds=args.rounds)
     print_results(results, f"{args.model}, batch {args.batch} ({args.images} images), "
                            f"{torch.get_num_threads()} threads, fp32, CPU")

@@ -60,7 +60,7 @@ def _cmd_explain(args) -> int:
     import tokenopt
 
     model, _ = _load_model(args.model)
-    gm = tokenopt.optimize(model, policy=args.policy, **_parse_sets(args.set))
+    gm = tokenopt.optimize(model, policy=args.policy, mode=args.mode, **_parse_sets(args.set))
     tokenopt.explain(gm, block=args.block)
     return 0
 
@@ -71,7 +71,7 @@ def _cmd_optimize(args) -> int:
     import tokenopt
 
     model, _ = _load_model(args.model)
-    gm = tokenopt.optimize(model, policy=args.policy, **_parse_sets(args.set))
+    gm = tokenopt.optimize(model, policy=args.policy, mode=args.mode, **_parse_sets(args.set))
     tokenopt.explain(gm)
     if args.out:
         torch.save(gm, args.out)
@@ -97,7 +97,7 @@ def _cmd_viz(args) -> int:
 
     model, _ = _load_model(args.model)
     options = _parse_sets(args.set) or DEFAULT_BUDGETS.get(args.policy, {})
-    gm = tokenopt.optimize(model, policy=args.policy, **options)
+    gm = tokenopt.optimize(model, policy=args.policy, mode=args.mode, **options)
     image, display = _display_image()
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     plot_tokens(gm, image, display, args.out, title=f"{args.model}: {gm.meta['tokenopt.policy']!r}")
@@ -245,6 +245,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     exp = sub.add_parser("explain", help="optimize a model and print the per-block report")
     exp.add_argument("model", help="'dinov2' (real weights) or a timm model name")
     exp.add_argument("--policy", default="ats")
+    exp.add_argument("--mode", choices=["padded", "masked", "packed"], default=None,
+                     help="how decisions are executed (default: what the policy asks for)")
     exp.add_argument("--set", nargs="*", default=[], help="policy options as key=value")
     exp.add_argument("--block", type=int, default=None, help="also show this block's graph before and after")
     exp.set_defaults(fn=_cmd_explain)
@@ -252,6 +254,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     opt = sub.add_parser("optimize", help="optimize a model, print the report, save the GraphModule")
     opt.add_argument("model")
     opt.add_argument("--policy", default="ats")
+    opt.add_argument("--mode", choices=["padded", "masked", "packed"], default=None,
+                     help="how decisions are executed (default: what the policy asks for)")
     opt.add_argument("--set", nargs="*", default=[])
     opt.add_argument("--out", default=None)
     opt.set_defaults(fn=_cmd_optimize)
@@ -259,6 +263,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     viz = sub.add_parser("viz", help="PNG of the tokens each block kept or merged, over a sample photo")
     viz.add_argument("--model", default="dinov2")
     viz.add_argument("--policy", default="ats")
+    viz.add_argument("--mode", choices=["padded", "masked", "packed"], default=None,
+                     help="how decisions are executed (default: what the policy asks for)")
     viz.add_argument("--set", nargs="*", default=[])
     viz.add_argument("--out", default="out/tokens.png")
     viz.set_defaults(fn=_cmd_viz)

@@ -130,7 +130,9 @@ def explain(gm: fx.GraphModule, block: Optional[int] = None, *, console: Optiona
     total = sum(r["flops"] for r in rows)
     policy = gm.meta.get("tokenopt.policy")
 
-    table = Table(title=f"tokenopt: {gm.meta.get('tokenopt.source', 'model')}  policy={policy!r}")
+    realized = gm.meta.get("tokenopt.counters", {}).get("realize_tokens")
+    mode = f"  mode={realized['mode']}" if realized else ""
+    table = Table(title=f"tokenopt: {gm.meta.get('tokenopt.source', 'model')}  policy={policy!r}{mode}")
     for col, just in [("block", "right"), ("module", "left"), ("tokens in", "right"), ("tokens out", "right"),
                       ("heads", "right"), ("GFLOPs", "right"), ("inserted nodes (by pass)", "left")]:
         table.add_column(col, justify=just)
