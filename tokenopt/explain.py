@@ -13,7 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from tokenopt.flops import node_flops
-from tokenopt.ir import META_BLOCK, META_PROVENANCE, META_ROLE, MODEL_INFO, ModelInfo
+from tokenopt.ir import META_BLOCK, META_PROVENANCE, MODEL_INFO, ModelInfo
 
 __all__ = ["block_stats", "explain", "block_listing", "token_counts"]
 

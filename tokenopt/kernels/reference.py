@@ -17,7 +17,6 @@ Sources: ATS (Fayyaz et al., ECCV 2022), EViT (Liang et al., ICLR 2022), ToMe (B
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch

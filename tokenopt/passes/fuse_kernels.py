@@ -40,10 +40,8 @@ Example:
 
 from __future__ import annotations
 
-import operator
 from collections import Counter
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.fx as fx

@@ -34,7 +34,7 @@ stay in the graph so that a run can be followed, as :func:`tokenopt.viz.token_so
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 import torch
@@ -197,7 +197,6 @@ class RealizeTokens:
     pass_name = "realize_tokens"
     requires = ("model_info", "plan")
     ensures = ("realized",)
-    counters: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -325,7 +324,7 @@ class RealizeTokens:
             self.decisions.append({"block": blk.index, "kind": "merge", "slot": decision.slot.name})
         return decision, ctx.call
 
-    def _attn_site(self, gm, info, blk, state, d) -> int:  # noqa: C901
+    def _attn_site(self, gm, info, blk, state, d) -> int:
         att = blk.attention
         if att.kind != "sdpa":
             raise RewriteError(f"block {blk.index}: {d.policy} decides inside attention, which needs the "
@@ -338,7 +337,7 @@ class RealizeTokens:
             raise RewriteError(f"block {blk.index}: inside attention only Keep decisions without extra tokens "
                                f"are realised; {d.policy} returned {type(decision).__name__}")
         ins.anchor = att.core
-        old = TokenState(**{f: getattr(state, f) for f in state.__dataclass_fields__})
+        old = replace(state)  # the state the keys and values were computed in
         if self.mode == "packed" and decision.valid is not None or state.packed:
             flat, cu = self._pack(ins, decision, state, d)
             q_sel = ins(tk.gather_rows.default, att.q, flat)
@@ -354,7 +353,7 @@ class RealizeTokens:
         ins.anchor = blk.attn_add
         x_sel = ins(tk.gather_tokens.default, blk.x_in, idx, 1)
         blk.attn_add.replace_input_with(blk.x_in, x_sel)
-        self._gather_state(ins, state, idx, valid, width, decision)
+        self._gather_state(ins, state, idx, valid, width, decision, pos=pos_q)
         return 1
 
     def _post_attn_site(self, gm, info, blk, state, d, x: fx.Node) -> tuple[fx.Node, int]:
@@ -391,7 +390,7 @@ class RealizeTokens:
                 width = target
         return idx, valid, width
 
-    def _gather_state(self, ins, state: TokenState, idx, valid, width, decision: Keep, x=None):
+    def _gather_state(self, ins, state: TokenState, idx, valid, width, decision: Keep, x=None, pos=None):
         """Dense gather of the state (validity, sizes) along with the tokens; returns x with extras.
 
         Layout after it: the kept tokens, then the decision's extra tokens, then (masked form only)
@@ -400,7 +399,8 @@ class RealizeTokens:
         if state.valid is not None:
             valid = ins(tk.gather_valid.default, state.valid, idx, valid, role="tokens.valid")
         size = ins(tk.gather_tokens.default, state.size, idx, 1, role="tokens.size") if state.size is not None else None
-        pos = ins(tk.gather_tokens.default, state.pos, idx, 1, role="tokens.pos") if state.pos is not None else None
+        if pos is None and state.pos is not None:  # (the attention site gathered it already)
+            pos = ins(tk.gather_tokens.default, state.pos, idx, 1, role="tokens.pos")
         e = decision.extra_count
         length = width
         if decision.extra is not None:
