@@ -76,3 +76,17 @@ def test_cli_viz_and_explain(tmp_path, capsys):
     assert png.stat().st_size > 10_000
     assert main(["explain", "deit_tiny_patch16_224", "--policy", "topk", "--set", "keep_rate=0.5"]) == 0
     assert "realize_tokens" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "--batch", "0"], "must be at least 1"),
+    (["bench", "--rounds", "0"], "must be at least 1"),
+    (["bench", "--policies", "tome", "--budget", "ats:max_tokens=0.5"], "not among --policies"),
+    (["bench", "--out", "/proc/tokenopt-cannot-write"], "not writable"),
+])
+def test_bench_arguments_are_checked_before_any_work(argv, message, capsys):
+    from tokenopt.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert message in str(exc.value) + capsys.readouterr().err

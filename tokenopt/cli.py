@@ -105,6 +105,44 @@ def _cmd_viz(args) -> int:
     return 0
 
 
+def _bench_budgets(args) -> dict:
+    """``--budget tome:r=12 tome:r=14`` -> ``{"tome": [{"r": 12}, {"r": 14}]}``, checked against --policies."""
+    budgets: dict = {}
+    for item in args.budget:
+        policy, sep, pair = item.partition(":")
+        if not sep or policy not in SWEEPS:
+            raise SystemExit(f"--budget {item!r}: write POLICY:KEY=VALUE with POLICY one of {sorted(SWEEPS)}")
+        if policy not in args.policies:
+            raise SystemExit(f"--budget {item!r} is for {policy}, which is not among --policies "
+                             f"{' '.join(args.policies)}; add it: --policies {' '.join(args.policies)} {policy}")
+        budgets.setdefault(policy, []).append(_parse_sets(pair.split(",")))
+    return budgets
+
+
+def _check_writable_dir(path: str) -> None:
+    """Fail before the run, not after it, when results could not be written."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".tokenopt-write-test-{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as exc:
+        raise SystemExit(f"--out {path!r} is not writable ({exc.strerror}); choose another folder") from exc
+
+
+def _positive_int(text: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1; got {value}")
+    return value
+
+
 def _cmd_bench(args) -> int:
     import torch
     from rich.console import Console
@@ -115,6 +153,8 @@ def _cmd_bench(args) -> int:
     from tokenopt.fidelity import LinearProbe, extract_features, fidelity, load_fashion_mnist, to_model_input
 
     console = Console(width=160)
+    budgets = _bench_budgets(args)  # every argument is checked before any model is loaded
+    _check_writable_dir(args.out)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model, real = _load_model(args.model)
@@ -124,12 +164,6 @@ def _cmd_bench(args) -> int:
 
     size = default_example_inputs(model)[0].shape[-1]
 
-    budgets: dict = {}  # --budget tome:r=12 tome:r=14 -> {"tome": [{"r": 12}, {"r": 14}]}
-    for item in args.budget:
-        policy, sep, pair = item.partition(":")
-        if not sep or policy not in SWEEPS:
-            raise SystemExit(f"--budget {item!r}: write POLICY:KEY=VALUE with POLICY one of {sorted(SWEEPS)}")
-        budgets.setdefault(policy, []).append(_parse_sets(pair.split(",")))
     configs = []  # (label, policy, options)
     for policy in args.policies:
         if args.sweep:
@@ -276,11 +310,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     bench.add_argument("--budget", nargs="*", default=[], metavar="POLICY:KEY=VALUE",
                        help="a policy's budget instead of its default, e.g. tome:r=14 topk:keep_rate=0.8; "
                        "repeat a policy to run it at several budgets, join options with commas")
-    bench.add_argument("--train", type=int, default=500, help="first N Fashion-MNIST train images for the probe")
-    bench.add_argument("--test", type=int, default=300, help="first N Fashion-MNIST test images (10000 = all)")
-    bench.add_argument("--batch", type=int, default=32)
-    bench.add_argument("--rounds", type=int, default=3)
-    bench.add_argument("--threads", type=int, default=os.cpu_count())
+    bench.add_argument("--train", type=_positive_int, default=500, help="first N Fashion-MNIST train images for the probe")
+    bench.add_argument("--test", type=_positive_int, default=300, help="first N Fashion-MNIST test images (10000 = all)")
+    bench.add_argument("--batch", type=_positive_int, default=32)
+    bench.add_argument("--rounds", type=_positive_int, default=3)
+    bench.add_argument("--threads", type=_positive_int, default=os.cpu_count())
     bench.add_argument("--out", default="out/bench")
     bench.set_defaults(fn=_cmd_bench)
 

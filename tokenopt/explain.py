@@ -155,6 +155,8 @@ def explain(gm: fx.GraphModule, block: Optional[int] = None, *, console: Optiona
     )
     parts = [table, summary]
     if block is not None:
+        if -len(info.blocks) <= block < 0:  # as optimize(blocks=...) reads it: -1 is the last block
+            block += len(info.blocks)
         if not 0 <= block < len(info.blocks):
             raise IndexError(f"block {block} does not exist; the model has blocks 0..{len(info.blocks) - 1}")
         before = gm.meta.get("tokenopt.captured_blocks", {}).get(block, "(not recorded)")

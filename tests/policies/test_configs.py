@@ -112,3 +112,34 @@ def test_parts_sized_for_the_full_token_count_get_a_clear_error():
     # reducing only in the last block is fine
     gm = tokenopt.optimize(model, policy="tome", r=8, blocks=(2,), example_inputs=(torch.randn(2, 3, 64, 64),))
     assert tokenopt.token_counts(gm, torch.randn(2, 3, 64, 64))[2].tolist() == [57, 57]
+
+
+# --- hardening (issue 12's list): each symptom, refused up front with the fix ----------------------
+
+
+def test_boolean_options_must_be_booleans():
+    with pytest.raises(ValueError, match="proportional_attention must be True or False; got 'false'"):
+        tokenopt.ToMe(proportional_attention="false")
+
+
+def test_ats_floor_above_its_budget_is_refused():
+    with pytest.raises(ValueError, match=r"min_tokens \(20\) exceeds max_tokens \(10\)"):
+        tokenopt.ATS(max_tokens=10, min_tokens=20)
+    with pytest.raises(tokenopt.passes.RewriteError, match=r"min_tokens \(30\) exceeds max_tokens \(0.1 = 20"):
+        tokenopt.optimize(timm_model("deit_tiny_patch16_224", depth=4), policy="ats", max_tokens=0.1, min_tokens=30)
+
+
+def test_triton_kernels_on_cpu_get_the_accurate_hint(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="kernels='triton' needs the model on CUDA.*kernels='reference'"):
+        tokenopt.optimize(timm_model("deit_tiny_patch16_224", depth=2), policy="tome", kernels="triton")
+
+
+def test_explain_takes_negative_blocks_as_optimize_does():
+    import io
+
+    from rich.console import Console
+
+    gm = tokenopt.optimize(timm_model("deit_tiny_patch16_224", depth=3), policy="tome", r=4, blocks=(-1,))
+    text = tokenopt.explain(gm, block=-1, console=Console(file=io.StringIO(), width=200))
+    assert "block 2 as captured" in text

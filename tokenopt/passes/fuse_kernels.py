@@ -61,6 +61,14 @@ def resolve_backend(backend: str, gm: fx.GraphModule) -> str:
     """``"triton"`` or ``"reference"`` for ``gm``; ``"auto"`` picks Triton for CUDA graphs when it imports."""
     if backend not in BACKENDS:
         raise ValueError(f"kernels={backend!r}: choose one of {', '.join(BACKENDS)}")
+    if backend == "triton":
+        import os
+
+        on_cuda = any(p.is_cuda for p in gm.parameters()) or any(b.is_cuda for b in gm.buffers())
+        if not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("kernels='triton' needs the model on CUDA (model.cuda() before optimize); on CPU use "
+                             "kernels='reference' (or 'auto'), or set TRITON_INTERPRET=1 before importing triton "
+                             "to run the kernels in Triton's slow CPU interpreter")
     if backend != "auto":
         return backend
     from tokenopt.kernels.fused import triton_available

@@ -9,6 +9,7 @@ from typing import Optional, Union
 import torch
 
 from tokenopt.ir import Keep
+from tokenopt.passes.realize import RewriteError
 from tokenopt.policies._checks import check_blocks, check_count_or_share, check_int
 from tokenopt.policies.base import PolicyConfig, register_policy, require_cls
 
@@ -54,6 +55,9 @@ class ATS(PolicyConfig):
             raise ValueError(f"ats: mode must be 'ragged' (= 'packed'), 'padded' or 'masked'; got {self.mode!r}")
         check_count_or_share(self.name, "max_tokens", self.max_tokens)
         check_int(self.name, "min_tokens", self.min_tokens, 0)
+        if isinstance(self.max_tokens, int) and self.min_tokens > self.max_tokens:
+            raise ValueError(f"ats: min_tokens ({self.min_tokens}) exceeds max_tokens ({self.max_tokens}): an image "
+                             f"would keep more than max_tokens; lower min_tokens, e.g. min_tokens={self.max_tokens}")
         object.__setattr__(self, "blocks", check_blocks(self.name, self.blocks))
 
     def default_blocks(self, depth):
@@ -67,6 +71,9 @@ class ATS(PolicyConfig):
         require_cls(ctx, "ATS")
         p = ctx.num_prefix
         k = self.max_tokens if isinstance(self.max_tokens, int) else math.ceil(self.max_tokens * ctx.num_patches)
+        if self.min_tokens > k:
+            raise RewriteError(f"ats: min_tokens ({self.min_tokens}) exceeds max_tokens ({self.max_tokens} = {k} of "
+                               f"this model's {ctx.num_patches} patches); lower min_tokens or raise max_tokens")
         width = min(max(k, self.min_tokens), ctx.length - p)  # a static bound on every image's count
         sel = ctx.call(torch.ops.tokenopt.ats_select.default, ctx.cls_attention(), ctx.value_norms(), p, k,
                        self.min_tokens, ctx.valid, width, role="tokens.select")

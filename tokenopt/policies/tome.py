@@ -52,6 +52,9 @@ class ToMe(PolicyConfig):
             raise ValueError(f"tome: r must be an int >= 0 or a list of them (one per block); got {r!r}. Example: r=13")
         if isinstance(r, list):
             object.__setattr__(self, "r", tuple(r))
+        if not isinstance(self.proportional_attention, bool):
+            raise ValueError(f"tome: proportional_attention must be True or False; got "
+                             f"{self.proportional_attention!r}")
         object.__setattr__(self, "blocks", check_blocks(self.name, self.blocks))
 
     def decide(self, ctx):
