@@ -22,7 +22,7 @@ The state that later blocks read flows through the graph as values: ``valid [B, 
 attention's logits), ``cu [B + 1]`` (packed offsets). At the end the head is rewired (a pooling head
 becomes a mean over valid tokens, size-weighted after merges; a packed token read becomes
 ``packed_select``) and reshapes that had the captured token count baked in get run-time sizes
-(:func:`~tokenopt.passes.reduce_tokens.retarget_token_sizes`).
+(:func:`~tokenopt.passes.retarget.retarget_token_sizes`).
 
 Every inserted node is a ``torch.ops.tokenopt.*`` op (:mod:`tokenopt.kernels.ops`) or an ATen op, with
 provenance (pass, policy, block). Writes ``gm.meta["tokenopt.counters"]["realize_tokens"]`` and
