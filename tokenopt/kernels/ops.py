@@ -43,9 +43,10 @@ REFERENCES: dict[str, Callable] = {}
 DIFFERENTIABLE: dict[str, tuple[int, ...]] = {}
 #: host reads per call, by design (every op not listed reads nothing back)
 SYNCS = {"pack_index": 1}
-#: ops on packed tokens (sizes that depend on values): no ATen decomposition is registered for them
+#: ops on packed tokens (sizes that depend on values) and ATS's selection (which may read them): no ATen
+#: decomposition is registered for them, so fake-tensor propagation keeps using their fake implementations
 PACKED = {"pack_index", "gather_rows", "unpack", "packed_cls_attention", "varlen_attention", "packed_select",
-          "packed_mean"}
+          "packed_mean", "ats_select"}
 
 
 def _fresh(out, inputs):
@@ -158,7 +159,7 @@ def ats_select(
 @ats_select.register_fake
 def _(cls_attn, vnorm, num_prefix, num_samples, min_tokens, valid, width):
     b, n = vnorm.shape
-    m = num_prefix + min(width, n - num_prefix)
+    m = num_prefix + torch.sym_min(width, n - num_prefix)
     return vnorm.new_empty(b, m, dtype=torch.long), vnorm.new_empty(b, m, dtype=torch.bool)
 
 
@@ -282,16 +283,18 @@ def _(x, valid, size, start, end):
 
 
 @_op("pack_index", ref.pack_index)
-def pack_index(idx: Tensor, valid: Tensor, cu_in: Optional[Tensor], length: int) -> tuple[Tensor, Tensor]:
-    """Kept positions -> packed rows ``flat [T]`` and offsets ``cu [B + 1]`` = ``reference.pack_index``
-    (reads ``T`` back: the one host sync of a packed reduction)."""
+def pack_index(idx: Tensor, valid: Tensor, cu_in: Optional[Tensor], length: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Kept positions -> packed rows ``flat [T]``, offsets ``cu [B + 1]`` and ``longest [L]`` =
+    ``reference.pack_index`` (one host read: the one sync of a packed reduction)."""
     return ref.pack_index(idx, valid, cu_in, length)
 
 
 @pack_index.register_fake
 def _(idx, valid, cu_in, length):
-    t = get_ctx().new_dynamic_size()
-    return idx.new_empty(t, dtype=torch.long), idx.new_empty(idx.shape[0] + 1, dtype=torch.long)
+    ctx = get_ctx()
+    t, longest = ctx.new_dynamic_size(), ctx.new_dynamic_size()
+    return (idx.new_empty(t, dtype=torch.long), idx.new_empty(idx.shape[0] + 1, dtype=torch.long),
+            idx.new_empty(longest, dtype=torch.int8))
 
 
 @_op("gather_rows", ref.gather_packed, grads=(0,))

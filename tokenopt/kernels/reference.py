@@ -89,7 +89,7 @@ def _indices_of(keep: torch.Tensor, num_prefix: int, width: Optional[int] = None
     """
     b, n = keep.shape
     counts = keep.sum(dim=1)
-    m = min(width, n) if width is not None else (int(counts.max()) if b > 0 else 0)
+    m = torch.sym_min(width, n) if width is not None else (int(counts.max()) if b > 0 else 0)
     # kept tokens first, each group in original order (stable sort)
     order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :m]
     valid_patch = torch.arange(m, device=keep.device)[None, :] < counts[:, None]
@@ -521,24 +521,28 @@ def slots_valid(slot: torch.Tensor, num_slots: int, valid_in: Optional[torch.Ten
 
 def pack_index(
     idx: torch.Tensor, valid: torch.Tensor, cu_in: Optional[torch.Tensor], length: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Kept positions ``idx``/``valid`` ``[B, M]`` (valid a prefix of each row) -> ``(flat [T], cu [B + 1])``.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Kept positions ``idx``/``valid`` ``[B, M]`` (valid a prefix of each row) ->
+    ``(flat [T], cu [B + 1], longest [L])``.
 
     ``idx`` indexes each image's own tokens: a dense buffer of ``length`` tokens per image when
-    ``cu_in`` is None, else the packed segments ``cu_in`` describes. ``T`` (the total kept count) is
-    the one value read back to the host: the packed buffer's size depends on the data.
+    ``cu_in`` is None, else the packed segments ``cu_in`` describes. ``T`` (the total kept count) and
+    ``L`` (the longest image's count; ``longest`` is an empty tensor of that length, so the graph can
+    read it as a size) are read back to the host in one value: the packed buffer's size depends on
+    the data, and laying images out for attention needs no more room than the longest one.
     """
     b, m = idx.shape
     counts = valid.sum(dim=1)
     cu = torch.zeros(b + 1, dtype=torch.long, device=idx.device)
     cu[1:] = torch.cumsum(counts, dim=0)
-    total = int(cu[-1]) if b > 0 else 0  # the host read
+    both = cu[-1] * (m + 1) + counts.max() if b > 0 else None  # two counts in one host read
+    total, most = divmod(int(both), m + 1) if b > 0 else (0, 0)
     t = torch.arange(total, device=idx.device)
     seg = torch.searchsorted(cu, t, right=True) - 1
     pos = t - cu[seg]
     offsets = cu_in[:-1] if cu_in is not None else torch.arange(b, device=idx.device) * length
     flat = offsets[seg] + idx[seg, pos]
-    return flat, cu
+    return flat, cu, idx.new_empty(most, dtype=torch.int8)
 
 
 def _segments(cu: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:

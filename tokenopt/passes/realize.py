@@ -69,6 +69,7 @@ class TokenState:
     size: Optional[fx.Node] = None  # [B, length, 1] (dense) / [1, T, 1] (packed)
     bias: Optional[fx.Node] = None  # [B, 1, 1, length] (dense)
     cu: Optional[fx.Node] = None  # [B + 1] packed offsets
+    cap: Any = None  # packed: the longest image's count this batch (a SymInt node), room for attention
     proportional: bool = False
     count: Optional[fx.Node] = None  # node whose value gives per-image counts (valid or cu)
     pos: Optional[fx.Node] = None  # [B, length] original position of each token (models with side tables)
@@ -131,7 +132,7 @@ class DecisionContext:
     def _packed(self) -> list[fx.Node]:
         if self._packed_tables is None:
             att, s = self.block.attention, self._state
-            node = self.call(tk.packed_cls_attention.default, att.q, att.k, att.v, s.cu, s.length, att.scale,
+            node = self.call(tk.packed_cls_attention.default, att.q, att.k, att.v, s.cu, s.cap, att.scale,
                              s.size if s.proportional else None, role="tokens.cls_attn")
             self._packed_tables = self.call.items(node, 3)
         return self._packed_tables
@@ -277,7 +278,8 @@ class RealizeTokens:
                     "without a model mask, so it cannot run over packed tokens; use mode='padded'")
             ins = _Inserter(gm, att.core, blk.index, policy)
             new = ins(tk.varlen_attention.default, q if q is not None else att.q, att.k, att.v,
-                      cu_q if cu_q is not None else state.cu, state.cu, cap_q or state.length, state.length,
+                      cu_q if cu_q is not None else state.cu, state.cu, cap_q or state.cap,
+                      state.cap if state.packed else state.length,
                       att.scale, None if state.packed else state.bias, role="attn.core")
             new.meta["val"] = att.core.meta.get("val")  # the captured shape: retargeting reads it
             att.core.replace_all_uses_with(new)
@@ -341,7 +343,7 @@ class RealizeTokens:
         if self.mode == "packed" and decision.valid is not None or state.packed:
             flat, cu = self._pack(ins, decision, state, d)
             q_sel = ins(tk.gather_rows.default, att.q, flat)
-            self._attend(gm, blk, old, q=q_sel, cu_q=cu, cap_q=decision.width, policy=d.policy)
+            self._attend(gm, blk, old, q=q_sel, cu_q=cu, cap_q=state.cap, policy=d.policy)
             ins.anchor = blk.attn_add
             x_sel = ins(tk.gather_rows.default, blk.x_in, flat)
             blk.attn_add.replace_input_with(blk.x_in, x_sel)
@@ -449,7 +451,8 @@ class RealizeTokens:
         elif state.valid is not None:
             valid = ins(tk.gather_valid.default, state.valid, decision.idx, valid)
         packed = ins(tk.pack_index.default, decision.idx, valid, state.cu, state.length, role="tokens.pack")
-        flat, cu = ins.items(packed, 2, roles=("tokens.flat", "tokens.cu"))
+        flat, cu, longest = ins.items(packed, 3, roles=("tokens.flat", "tokens.cu"))
+        state.cap = ins(aten.sym_size.int, longest, 0)
         state.size = ins(tk.gather_rows.default, state.size, flat, role="tokens.size") if state.size is not None else None
         state.cu, state.count, state.length, state.active = cu, cu, decision.width, None
         state.valid, state.bias = None, None
@@ -497,11 +500,11 @@ class RealizeTokens:
                 "cannot be given the reduced tokens; use policy='none' for this model")
         ins.anchor = att.core
         if state.packed:  # the keys/values are packed: lay each image's out again (static capacity)
-            k, valid = ins.items(ins(tk.unpack.default, att.k, state.cu, state.length), 2)
-            v, _ = ins.items(ins(tk.unpack.default, att.v, state.cu, state.length), 2)
+            k, valid = ins.items(ins(tk.unpack.default, att.k, state.cu, state.cap), 2)
+            v, _ = ins.items(ins(tk.unpack.default, att.v, state.cu, state.cap), 2)
             size = None
             if state.size is not None and state.proportional:
-                size, _ = ins.items(ins(tk.unpack.default, state.size, state.cu, state.length), 2)
+                size, _ = ins.items(ins(tk.unpack.default, state.size, state.cu, state.cap), 2)
             bias = ins(tk.token_bias.default, valid, size, self.dtype, role="tokens.bias")
             att.core.update_arg(1, k)
             att.core.update_arg(2, v)
