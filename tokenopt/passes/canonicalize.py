@@ -29,10 +29,9 @@ def _trivial_masks(gm: fx.GraphModule, masks: set) -> set:
     They are evaluated once on the example inputs; a mask that depends on image values is never
     called trivial, whatever its value on the example.
     """
-    from tokenopt.passes.find_blocks import _Finder
+    from tokenopt.passes.find_blocks import image_dependent_nodes
 
-    finder = _Finder(gm)
-    image_dependent = finder.g.nodes
+    image_dependent = image_dependent_nodes(gm)
     candidates = {m for m in masks if m not in image_dependent}
     if not candidates or "tokenopt.example_inputs" not in gm.meta:
         return set()

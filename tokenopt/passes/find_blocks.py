@@ -408,6 +408,11 @@ def find_blocks(gm: fx.GraphModule) -> PassResult:
 find_blocks.ensures = ("model_info",)
 
 
+def image_dependent_nodes(gm: fx.GraphModule) -> set:
+    """The nodes whose values depend on the model's inputs (weights and constants do not)."""
+    return set(_Finder(gm).g.nodes)
+
+
 def get_model_info(gm: fx.GraphModule) -> ModelInfo:
     """The :class:`ModelInfo` that ``find_blocks`` stored on ``gm`` (running it if it has not run)."""
     if MODEL_INFO not in gm.meta:

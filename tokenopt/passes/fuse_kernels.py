@@ -158,7 +158,7 @@ class FuseKernels:
             return False
         metric, r, p = slot.args[:3]
         active = slot.args[3] if len(slot.args) > 3 else None
-        if active is not None or num_slots != P_val_tokens(x) - r:
+        if active is not None or num_slots != _token_count(x) - r:
             return False
         if not (_is(metric, aten.mean.dim) and list(metric.args[1]) == [1]) or len(metric.users) != 1:
             return False
@@ -191,7 +191,7 @@ class FuseKernels:
     )
 
 
-def P_val_tokens(x: fx.Node) -> int:
+def _token_count(x: fx.Node) -> int:
     """Token count (axis 1) of ``x`` as recorded in its meta value."""
     v = x.meta.get("val")
     return int(v.shape[1]) if isinstance(v, torch.Tensor) else -1

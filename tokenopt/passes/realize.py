@@ -71,7 +71,6 @@ class TokenState:
     cu: Optional[fx.Node] = None  # [B + 1] packed offsets
     cap: Any = None  # packed: the longest image's count this batch (a SymInt node), room for attention
     proportional: bool = False
-    count: Optional[fx.Node] = None  # node whose value gives per-image counts (valid or cu)
     pos: Optional[fx.Node] = None  # [B, length] original position of each token (models with side tables)
     changed: bool = False  # a decision has been realised: the tokens differ from the captured ones
 
@@ -79,11 +78,15 @@ class TokenState:
     def packed(self) -> bool:
         return self.cu is not None
 
+    @property
+    def count(self) -> Optional[fx.Node]:
+        """The node whose value gives per-image counts: packed offsets, or validity (None: all equal)."""
+        return self.cu if self.packed else self.valid
+
 
 class _Inserter:
     def __init__(self, gm: fx.GraphModule, anchor: fx.Node, block: int, policy: str):
         self.gm, self.anchor, self.block, self.policy = gm, anchor, block, policy
-        self.created: list[fx.Node] = []
 
     def __call__(self, target, *args, role: Optional[str] = None, **kwargs) -> fx.Node:
         with self.gm.graph.inserting_before(self.anchor):
@@ -91,7 +94,6 @@ class _Inserter:
         stamp(node, block=self.block, policy=self.policy, **{"pass": "realize_tokens"})
         if role:
             node.meta[META_ROLE] = role
-        self.created.append(node)
         return node
 
     def items(self, node: fx.Node, n: int, roles=()) -> list[fx.Node]:
@@ -176,10 +178,6 @@ class DecisionContext:
             raise RewriteError(f"block {self.block.index}: {self.policy} reads the residual stream, which "
                                "is only available after attention on dense (unpacked) tokens")
         return self._x
-
-    def batch_size(self) -> fx.Node:
-        """The run-time batch size (a SymInt node)."""
-        return self.call(aten.sym_size.int, self.block.attention.k if not self._state.packed else self._state.cu, 0)
 
     def require_dense(self, what: str) -> None:
         if self._state.packed or self._state.active is None:
@@ -310,7 +308,6 @@ class RealizeTokens:
                     "the model, sized for the full token count; reduce tokens only after this block (blocks=...)")
             P.set_sdpa_mask(att.core, state.bias)
             _settle_layout(gm, att.core, blk.index)
-
 
     # -- sites ---------------------------------------------------------------------------------------
     def _decide(self, gm, info, blk, state, d: PlannedDecision, anchor, x):
@@ -446,15 +443,13 @@ class RealizeTokens:
         valid = decision.valid
         if valid is None:
             valid = ins(aten.ones_like.default, decision.idx, dtype=torch.bool)
-        if state.packed:  # positions index the padded tables of the packed tokens: drop their padding
-            pass
-        elif state.valid is not None:
+        if not state.packed and state.valid is not None:  # (packed tables' padding is already in valid)
             valid = ins(tk.gather_valid.default, state.valid, decision.idx, valid)
         packed = ins(tk.pack_index.default, decision.idx, valid, state.cu, state.length, role="tokens.pack")
         flat, cu, longest = ins.items(packed, 3, roles=("tokens.flat", "tokens.cu"))
         state.cap = ins(aten.sym_size.int, longest, 0)
         state.size = ins(tk.gather_rows.default, state.size, flat, role="tokens.size") if state.size is not None else None
-        state.cu, state.count, state.length, state.active = cu, cu, decision.width, None
+        state.cu, state.length, state.active = cu, decision.width, None
         state.valid, state.bias = None, None
         return flat, cu
 
@@ -488,7 +483,6 @@ class RealizeTokens:
             state.bias = None
         else:
             state.bias = ins(tk.token_bias.default, state.valid, size, self.dtype, role="tokens.bias")
-        state.count = state.valid
 
     # -- the head ------------------------------------------------------------------------------------
     def _rewire_pool(self, gm, ins, reader, state: TokenState) -> None:
@@ -580,9 +574,9 @@ def _side_tables(gm: fx.GraphModule, info: ModelInfo):
     Returns ``(tables, uses)``: the set of table nodes, and per block the uses to rewire as
     ``(node, arg index, table, token axis from the right, offset, rank of the other operand)``.
     """
-    from tokenopt.passes.find_blocks import _Finder
+    from tokenopt.passes.find_blocks import image_dependent_nodes
 
-    image_dep = set(_Finder(gm).g.nodes)
+    image_dep = image_dependent_nodes(gm)
     n, n_patch = info.num_tokens, info.num_patch_tokens
     tables: set = set()
     uses: dict[int, list] = {}
