@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -73,10 +73,34 @@ class Policy:
     prop_attn: bool = True
 
 
-def run_blocks(blocks: list[Block], x: torch.Tensor, num_prefix: int, pol):
+def _rows(x, home):
+    """x's row for each original token (home < 0: none; those rows read row 0 and are replaced)."""
+    return torch.stack([x[b, home[b].clamp(min=0)] for b in range(x.shape[0])])
+
+
+def _grid_update(grid, x, home):
+    rows = _rows(x, home)
+    return rows if grid is None else torch.where((home >= 0)[..., None], rows, grid)
+
+
+def _after_keep(home, idx, valid):
+    """Each original token's row after keeping rows ``idx`` (only the ``valid`` ones)."""
+    new = torch.full_like(home, -1)
+    for b in range(home.shape[0]):
+        for j, row in enumerate(idx[b].tolist()):
+            if valid is None or bool(valid[b, j]):
+                new[b][home[b] == row] = j
+    return torch.where(home >= 0, new, -1)
+
+
+def run_blocks(blocks: list[Block], x: torch.Tensor, num_prefix: int, pol, grid_out: Optional[list] = None):
     """Run the blocks with the policy, or a list of policies applied in order (a composite); returns
-    (tokens, valid, size, per-block kept counts [B])."""
+    (tokens, valid, size, per-block kept counts [B]). With ``grid_out`` (a list), the full token grid
+    after the last block is appended to it: each original token's final row (for a merged token, the row
+    it merged into), or for a dropped token its value when it was dropped."""
     pols = list(pol) if isinstance(pol, (list, tuple)) else [pol]
+    home = torch.arange(x.shape[1]).expand(x.shape[0], -1).clone() if grid_out is not None else None
+    grid = None
     bias = valid = size = None
     prop = False
     counts = {}
@@ -88,6 +112,9 @@ def run_blocks(blocks: list[Block], x: torch.Tensor, num_prefix: int, pol):
             cls = ref.cls_attention(q, k, blk.scale, bias)
             scores = ref.ats_scores(cls, v, num_prefix, valid)
             idx, valid = ref.ats_select(scores, pol.max_tokens, pol.min_tokens, num_prefix, valid)
+            if home is not None:
+                grid = _grid_update(grid, x, home)
+                home = _after_keep(home, idx, valid)
             o = F.scaled_dot_product_attention(ref.gather_tokens(q, idx, 2), k, v, attn_mask=bias, scale=blk.scale)
             x = ref.gather_tokens(x, idx, 1) + blk.ls1(blk.proj(o.transpose(1, 2).flatten(2)))
             if size is not None:
@@ -108,6 +135,9 @@ def run_blocks(blocks: list[Block], x: torch.Tensor, num_prefix: int, pol):
                 if keep == patches:
                     continue
                 idx = ref.topk_select(cls, keep, num_prefix)
+                if home is not None:
+                    grid = _grid_update(grid, x, home)
+                    home = _after_keep(home, idx, None)
                 kept = ref.gather_tokens(x, idx, 1)
                 if size is not None:
                     size = ref.gather_tokens(size, idx, 1)
@@ -119,11 +149,17 @@ def run_blocks(blocks: list[Block], x: torch.Tensor, num_prefix: int, pol):
                 bias = ref.size_to_bias(size) if size is not None and prop else None
             if pol.kind == "tome" and pol.r > 0:
                 unm, src, dst = ref.tome_match(k.mean(1), pol.r, num_prefix)
+                if home is not None:  # which new row each row went to: merge one-hot row labels alike
+                    n = x.shape[1]
+                    labels, _ = ref.tome_merge(torch.eye(n).expand(x.shape[0], n, n), size, unm, src, dst, num_prefix)
+                    home = torch.where(home >= 0, labels.argmax(1).gather(1, home.clamp(min=0)), -1)
                 x, size = ref.tome_merge(x, size, unm, src, dst, num_prefix)
                 prop = prop or pol.prop_attn
                 bias = ref.size_to_bias(size) if prop else bias
         x = x + blk.ls2(blk.mlp(blk.norm2(x)))
         counts[i] = valid.sum(1) if valid is not None else torch.full((x.shape[0],), x.shape[1])
+    if grid_out is not None:
+        grid_out.append(_grid_update(grid, x, home))
     return x, valid, size, counts
 
 

@@ -52,3 +52,18 @@ def test_bench_kernels_without_a_gpu_says_so(capsys):
         pytest.skip("this machine has a GPU: the script times instead")
     assert _load("bench_kernels").main([]) == 1
     assert "no CUDA device" in capsys.readouterr().out
+
+
+def test_bench_deploy_runs_and_writes_json(tmp_path, monkeypatch):
+    import pytest
+
+    pytest.importorskip("onnxruntime")
+    import tokenopt
+
+    monkeypatch.setattr(tokenopt.module, "AUTO_BATCHES", (1, 2))
+    out = tmp_path / "d.json"
+    _load("bench_deploy").main(["--model", "deit_tiny_patch16_224", "--batch", "2", "--rounds", "1",
+                                "--onnx-policies", "topk", "--threshold-policies", "topk", "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert set(data["onnx"]["topk"]) == {"eager", "torch", "ort"} and all(v > 0 for v in data["onnx"]["topk"].values())
+    assert data["min_batch"]["topk"]["threshold"] in (1, 2, 3) and set(data["min_batch"]["topk"]["gains"]) <= {"1", "2"}

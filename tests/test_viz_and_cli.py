@@ -90,3 +90,18 @@ def test_bench_arguments_are_checked_before_any_work(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert message in str(exc.value) + capsys.readouterr().err
+
+
+def test_cli_optimize_out_writes_a_loadable_model(tmp_path, capsys):
+    import torch
+
+    import tokenopt
+    from tokenopt.cli import main
+
+    out = tmp_path / "m.pt2"
+    assert main(["optimize", "deit_tiny_patch16_224", "--policy", "tome", "--out", str(out)]) == 0
+    gm = tokenopt.load(out)
+    assert gm(torch.randn(2, 3, 224, 224)).shape == (2, 1000)
+    assert "tokenopt.load" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="not writable"):
+        main(["optimize", "deit_tiny_patch16_224", "--out", "/proc/nope/m.pt2"])

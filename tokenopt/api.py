@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Optional, Sequence, Union
 
 import torch
@@ -11,6 +12,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from tokenopt.capture import capture
 from tokenopt.explain import block_listing, block_stats, token_counts
 from tokenopt.ir import META_BLOCK, MODEL_INFO
+from tokenopt.module import OptimizedModule, carried_attributes, measure_min_batch, signature_of
 from tokenopt.passes import find_blocks
 from tokenopt.passes.fuse_kernels import FuseKernels, resolve_backend
 from tokenopt.passes.realize import MODES, RealizeTokens, RewriteError
@@ -27,8 +29,11 @@ def optimize(
     *,
     mode: Optional[str] = None,
     kernels: str = "auto",
+    share_weights: bool = False,
+    min_batch: Union[None, int, str] = None,
+    dense: bool = False,
     **options: Any,
-) -> fx.GraphModule:
+) -> OptimizedModule:
     """Capture ``model``, find its transformer blocks and rewrite the graph to reduce tokens.
 
     Args:
@@ -43,10 +48,20 @@ def optimize(
         kernels: ``"auto"`` swaps the reference token ops for fused Triton kernels when the model is on
             CUDA and Triton imports, ``"triton"`` always does, ``"reference"`` never
             (:mod:`tokenopt.passes.fuse_kernels`).
+        share_weights: the result uses the model's own parameters instead of copies (saves memory; then
+            ``gm.half()``, ``gm.requires_grad_()`` or an optimizer step on ``gm`` change ``model`` too).
+        min_batch: batches smaller than this run the original, unreduced graph (same weights): an int,
+            or ``"auto"`` to measure once on this machine where the reduced graph starts to be faster
+            (:func:`tokenopt.module.measure_min_batch`). Default: always reduce.
+        dense: after the last block, restore the full token grid ``[B, N, C]`` (kept tokens in their
+            places, a merged token copied to every position it absorbed, a dropped token as it was when
+            dropped), so a head that reads every token (segmentation, dense features) still works.
+            Padded or masked execution (the default becomes padded).
         **options: fields of the policy's config (``keep_rate=0.7`` for ``"topk"``, ...).
 
     Returns:
-        A ``torch.fx.GraphModule`` with the model's inputs and output structure. ``gm.meta`` holds the
+        An :class:`~tokenopt.module.OptimizedModule` (a ``torch.fx.GraphModule``) with the model's inputs
+        (by position or keyword), output structure and runner-facing attributes. ``gm.meta`` holds the
         :class:`~tokenopt.ir.ModelInfo` (``"tokenopt.model_info"``), the config (``"tokenopt.policy"``)
         and what each pass did (``"tokenopt.pass_records"``).
 
@@ -58,19 +73,43 @@ def optimize(
         >>> torch.testing.assert_close(gm(x), model(x))
     """
     config = make_config(policy, **options)
+    if not isinstance(dense, bool):
+        raise ValueError(f"dense must be True or False; got {dense!r}")
     if mode is None:
-        mode = config.default_mode() or "padded"
+        mode = "padded" if dense else config.default_mode() or "padded"
     if mode == "ragged":
         mode = "packed"
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+    if min_batch is not None and min_batch != "auto" and (
+            not isinstance(min_batch, int) or isinstance(min_batch, bool) or min_batch < 1):
+        raise ValueError(f"min_batch must be a positive int, 'auto' or None; got {min_batch!r}")
+    if not isinstance(share_weights, bool):
+        raise ValueError(f"share_weights must be True or False; got {share_weights!r}")
     gm = capture(model, example_inputs)
-    examples = gm.meta["tokenopt.example_inputs"]
+    generic = gm.meta.pop("tokenopt.generic", None)
     resolve_backend(kernels, gm)  # reject a bad value before any rewriting
+    build = {"mode": mode, "kernels": kernels, "dense": dense, "keep_original": min_batch is not None}
+    gm, original = _build(gm, config, build)
+    out = OptimizedModule.wrap(
+        gm, signature=signature_of(model, len(gm.meta["tokenopt.example_inputs"])),
+        carried=carried_attributes(model), original=original, generic=generic, own_weights=not share_weights)
+    if min_batch == "auto":
+        min_batch = measure_min_batch(out, out.meta["tokenopt.example_inputs"])
+    out.min_batch = min_batch
+    out.meta["tokenopt.min_batch"] = min_batch
+    return out
+
+
+def _build(gm: fx.GraphModule, config: PolicyConfig, build: dict) -> tuple[fx.GraphModule, Optional[fx.GraphModule]]:
+    """Run the pipeline on a captured graph: returns the reduced graph and, when asked for, the captured
+    (unreduced) graph beside it. Also what an OptimizedModule calls for an image size it has not seen."""
+    examples = gm.meta["tokenopt.example_inputs"]
+    original = fx.GraphModule(gm, _copy_graph(gm.graph)) if build.get("keep_original") else None
     passes = [find_blocks, *config.passes()]
     if len(passes) > 2:
-        passes.append(RealizeTokens(mode))
-    passes.append(FuseKernels(kernels))
+        passes.append(RealizeTokens(build["mode"], dense=build["dense"]))
+    passes.append(FuseKernels(build["kernels"]))
     pipeline = Pipeline(passes, policy=config.name, on_start=_record_baseline)
     try:
         gm = pipeline.run(gm)
@@ -80,7 +119,17 @@ def optimize(
     gm.meta["tokenopt.example_token_counts"] = token_counts(gm, *examples)
     gm.meta["tokenopt.policy"] = config
     gm.meta["tokenopt.pass_records"] = pipeline.records
-    return gm
+    gm.meta["tokenopt.build"] = dict(build)
+    return gm, original
+
+
+def _copy_graph(graph: fx.Graph) -> fx.Graph:
+    """A copy of ``graph`` (nodes, meta, input/output convention) that later passes leave alone."""
+    new = fx.Graph()
+    new._codegen = copy.deepcopy(graph._codegen)
+    out = new.graph_copy(graph, {})
+    new.output(out)
+    return new
 
 
 def _record_baseline(gm: fx.GraphModule, pass_name: str) -> None:

@@ -16,6 +16,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.fx.passes.shape_prop import ShapeProp
 
 __all__ = ["CaptureError", "capture", "default_example_inputs"]
@@ -108,6 +109,7 @@ def capture(
     example_inputs: Optional[Sequence[Any]] = None,
     *,
     dynamic_batch: bool = True,
+    dynamic_size: bool = True,
 ) -> fx.GraphModule:
     """Capture ``model`` as an ATen-level ``torch.fx.GraphModule``.
 
@@ -119,6 +121,8 @@ def capture(
         example_inputs: positional inputs for one call; a random image batch of the model's
             configured size when omitted (see :func:`default_example_inputs`).
         dynamic_batch: keep the batch dimension symbolic.
+        dynamic_size: also try image sizes as symbols; when the model takes other sizes the size-generic
+            graph is kept in ``gm.meta["tokenopt.generic"]`` (the returned graph has the example's size).
 
     Returns:
         A GraphModule taking the same inputs and returning the same output structure as ``model``.
@@ -144,16 +148,36 @@ def capture(
     example_inputs = tuple(example_inputs)
     dynamic_shapes = None
     if dynamic_batch:
+        # export specialises a dimension of size 1 to 1; a batch-1 example becomes the same image twice
+        example_inputs = tuple(
+            torch.cat([x, x]) if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == 1 else x
+            for x in example_inputs)
+        empty = [i for i, x in enumerate(example_inputs) if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == 0]
+        if empty:
+            raise CaptureError(f"example input {empty[0]} is an empty batch; pass at least one image")
         dynamic_shapes = tuple(
             {0: torch.export.Dim.AUTO} if isinstance(x, torch.Tensor) and x.dim() > 0 else None
             for x in example_inputs
         )
 
     tracker = _ModuleTracker(model)
+    exported = generic = None
     try:
         with _eval_mode(model), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            exported = torch.export.export(model, example_inputs, dynamic_shapes=dynamic_shapes)
+            if dynamic_size and dynamic_shapes is not None and any(isinstance(x, torch.Tensor) and x.dim() == 4 for x in example_inputs):
+                # image sizes left free too: a model that takes other sizes (timm dynamic_img_size, ...) keeps
+                # them symbolic, one with fixed position tables specialises them; either way it captures
+                sized = tuple(
+                    {0: torch.export.Dim.AUTO, 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}
+                    if isinstance(x, torch.Tensor) and x.dim() == 4 else d
+                    for x, d in zip(example_inputs, dynamic_shapes))
+                try:
+                    exported = torch.export.export(model, example_inputs, dynamic_shapes=sized)
+                except Exception:
+                    exported = None  # captured below with static image sizes, or fails there with the reason
+            if exported is None:
+                exported = torch.export.export(model, example_inputs, dynamic_shapes=dynamic_shapes)
     except Exception as exc:  # export raises many types; all become one clear error
         where = tracker.deepest[-1] if tracker.deepest else type(model).__name__
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -167,9 +191,30 @@ def capture(
     finally:
         tracker.remove()
 
+    if _has_free_image_size(exported):
+        # the graph tokenopt rewrites has fixed token counts: specialise it to the example's size, and keep
+        # the size-generic graph to specialise again for other sizes (OptimizedModule does, on first use)
+        generic = exported.module()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            exported = torch.export.export(generic, example_inputs, dynamic_shapes=dynamic_shapes)
     gm = exported.module()
     with torch.no_grad():
         ShapeProp(gm).propagate(*example_inputs)
     gm.meta["tokenopt.example_inputs"] = example_inputs
     gm.meta["tokenopt.source"] = type(model).__name__
+    gm.meta["tokenopt.generic"] = generic
     return gm
+
+
+def _has_free_image_size(exported: torch.export.ExportedProgram) -> bool:
+    """Whether a 4-D user input kept a symbolic height or width."""
+    names = {s.arg.name for s in exported.graph_signature.input_specs
+             if s.kind == torch.export.graph_signature.InputKind.USER_INPUT and hasattr(s.arg, "name")}
+    for n in exported.graph.nodes:
+        if n.op == "placeholder" and n.name in names:
+            val = n.meta.get("val")
+            if isinstance(val, torch.Tensor) and val.dim() == 4 and not all(
+                    is_concrete_int(d) for d in val.shape[2:]):
+                return True
+    return False

@@ -4,7 +4,7 @@
     tokenopt bench --sweep --test 2000   # each policy over its budgets, trade-off plot
     tokenopt viz --policy tome           # which tokens each block kept or merged, as a PNG
     tokenopt explain deit_small_patch16_224 --policy topk --set keep_rate=0.5
-    tokenopt optimize deit_tiny_patch16_224 --policy ats --out deit_ats.pt
+    tokenopt optimize deit_tiny_patch16_224 --policy ats --out deit_ats.pt2   # tokenopt.load(path)
 """
 
 from __future__ import annotations
@@ -66,16 +66,16 @@ def _cmd_explain(args) -> int:
 
 
 def _cmd_optimize(args) -> int:
-    import torch
-
     import tokenopt
 
+    if args.out:
+        _check_writable_dir(os.path.dirname(os.path.abspath(args.out)))
     model, _ = _load_model(args.model)
     gm = tokenopt.optimize(model, policy=args.policy, mode=args.mode, **_parse_sets(args.set))
     tokenopt.explain(gm)
     if args.out:
-        torch.save(gm, args.out)
-        print(f"saved the optimized GraphModule to {args.out} (torch.load(path, weights_only=False))")
+        tokenopt.save(gm, args.out)
+        print(f"saved the optimized model to {args.out} (load it with tokenopt.load(path))")
     return 0
 
 

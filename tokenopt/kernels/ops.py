@@ -374,6 +374,42 @@ def _(x, cu, size, start, end):
     return x.new_empty(cu.shape[0] - 1, x.shape[2])
 
 
+# --- dense restore ---------------------------------------------------------------------------------
+
+
+@_op("keep_map", ref.keep_map)
+def keep_map(idx: Tensor, valid: Optional[Tensor], length: int) -> Tensor:
+    """Each row's row after a Keep (``-1``: dropped) = ``reference.keep_map``."""
+    return ref.keep_map(idx, valid, length)
+
+
+@keep_map.register_fake
+def _(idx, valid, length):
+    return idx.new_empty(idx.shape[0], length)
+
+
+@_op("follow_rows", ref.follow_rows)
+def follow_rows(home: Tensor, row_map: Tensor) -> Tensor:
+    """Original tokens' rows after a Keep or merge = ``reference.follow_rows``."""
+    return ref.follow_rows(home, row_map)
+
+
+@follow_rows.register_fake
+def _(home, row_map):
+    return torch.empty_like(home)
+
+
+@_op("dense_restore", ref.dense_restore, grads=(0, 2))
+def dense_restore(x: Tensor, home: Tensor, dense: Optional[Tensor]) -> Tensor:
+    """The full token grid back = ``reference.dense_restore``."""
+    return ref.dense_restore(x, home, dense)
+
+
+@dense_restore.register_fake
+def _(x, home, dense):
+    return x.new_empty(x.shape[0], home.shape[1], x.shape[2])
+
+
 # --- per-token side tables -------------------------------------------------------------------------
 
 

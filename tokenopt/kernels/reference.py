@@ -670,6 +670,36 @@ def weighted_mean(
     return torch.where(w > 0, xs, 0).mul(w).sum(1) / w.sum(1).clamp_min(torch.finfo(x.dtype).tiny)
 
 
+# --- dense restore: where every original token is now ---------------------------------------------
+
+
+def keep_map(idx: torch.Tensor, valid: Optional[torch.Tensor], length: int) -> torch.Tensor:
+    """``[B, length]``: for each row before a Keep, its row after it (``-1``: dropped).
+
+    ``idx`` ``[B, W]`` are the kept rows (``valid`` marks the real ones; padding entries may repeat rows).
+    """
+    new = torch.arange(idx.shape[1], device=idx.device).expand_as(idx)
+    if valid is not None:
+        new = torch.where(valid, new, -1)
+    return idx.new_full((idx.shape[0], length), -1).scatter_reduce(1, idx, new, "amax")
+
+
+def follow_rows(home: torch.Tensor, row_map: torch.Tensor) -> torch.Tensor:
+    """``home`` ``[B, N0]`` (each original token's current row, ``-1`` once dropped) through ``row_map``
+    ``[B, L]`` (each current row's next row: a Keep's :func:`keep_map`, or a merge's slot)."""
+    moved = row_map.gather(1, home.clamp_min(0))
+    return torch.where(home >= 0, moved, -1)
+
+
+def dense_restore(x: torch.Tensor, home: torch.Tensor, dense: Optional[torch.Tensor]) -> torch.Tensor:
+    """``[B, N0, C]``: every original token's current row of ``x`` (a merged token's row for each token
+    it absorbed); tokens dropped earlier (``home < 0``) keep their value in ``dense``."""
+    rows = x.gather(1, home.clamp_min(0).unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    if dense is None:
+        return rows
+    return torch.where((home >= 0).unsqueeze(-1), rows, dense)
+
+
 # --- per-token side tables (rotary tables, relative-position biases) ------------------------------
 
 

@@ -72,6 +72,8 @@ class TokenState:
     cap: Any = None  # packed: the longest image's count this batch (a SymInt node), room for attention
     proportional: bool = False
     pos: Optional[fx.Node] = None  # [B, length] original position of each token (models with side tables)
+    home: Optional[fx.Node] = None  # [B, N0] each original token's current row, -1 once dropped (dense=True)
+    dense: Optional[fx.Node] = None  # [B, N0, C] dropped tokens' last values (dense=True)
     changed: bool = False  # a decision has been realised: the tokens differ from the captured ones
 
     @property
@@ -193,6 +195,7 @@ class RealizeTokens:
     """The pass. ``mode``: ``"padded"``, ``"masked"`` or ``"packed"`` (see the module docstring)."""
 
     mode: str = "padded"
+    dense: bool = False  # restore the full [B, N0, C] grid after the last block
     pass_name = "realize_tokens"
     requires = ("model_info", "plan")
     ensures = ("realized",)
@@ -222,6 +225,13 @@ class RealizeTokens:
             first = info.blocks[0].x_in
             state.pos = _Inserter(gm, first.next, 0, "")(tk.token_positions.default, first, info.num_tokens,
                                                         role="tokens.pos")
+        if self.dense and plan:
+            if self.mode == "packed":
+                raise RewriteError("dense=True restores the token grid from padded or masked tokens; packed tokens "
+                                   "have no per-image rows to restore: use mode='padded'")
+            first = info.blocks[0].x_in
+            state.home = _Inserter(gm, first.next, 0, "")(tk.token_positions.default, first, info.num_tokens,
+                                                         role="tokens.home")
         for blk in info.blocks:
             if state.changed:
                 for node, arg, table, axis, offset, rank in side_uses.get(blk.index, []):
@@ -247,8 +257,11 @@ class RealizeTokens:
             counts[blk.index] = state.active
             if state.count is not None:
                 count_nodes[blk.index] = ("cu" if state.packed else "valid", state.count.name)
-        if decided:
+        if decided and self.dense:
+            self._restore_grid(gm, info, state)
+        elif decided:
             self._rewire_head(gm, info, state)
+        if decided:
             from tokenopt.passes.retarget import retarget_token_sizes
 
             retarget_token_sizes(gm)
@@ -346,6 +359,7 @@ class RealizeTokens:
             blk.attn_add.replace_input_with(blk.x_in, x_sel)
             return 1
         idx, valid, width = self._widen(ins, decision, state)
+        self._track_keep(ins, state, blk.x_in, idx, valid)
         q_sel = ins(tk.gather_tokens.default, att.q, idx, 2)
         pos_q = ins(tk.gather_tokens.default, state.pos, idx, 1) if state.pos is not None else None
         self._attend(gm, blk, old, q=q_sel, pos_q=pos_q)
@@ -371,6 +385,7 @@ class RealizeTokens:
             new_x = ins(tk.gather_rows.default, x, flat)
         else:
             idx, valid, width = self._widen(ins, decision, state)
+            self._track_keep(ins, state, x, idx, valid)
             new_x = ins(tk.gather_tokens.default, x, idx, 1)
             new_x = self._gather_state(ins, state, idx, valid, width, decision, x=new_x)
         for u in users:  # the block's own readers of x (norm2, the MLP residual) take the new tokens
@@ -472,6 +487,8 @@ class RealizeTokens:
                     "merged one, but this model indexes rotary or relative-position tables by token position; "
                     "the policy's Merge needs rep=")
             state.pos = ins(tk.slot_positions.default, state.pos, decision.slot, decision.rep, slots, role="tokens.pos")
+        if state.home is not None:  # every token a slot absorbed now lives in that slot's row
+            state.home = ins(tk.follow_rows.default, state.home, decision.slot, role="tokens.home")
         state.length, state.active, state.size, state.valid = slots, decision.num_slots, size, valid
         state.proportional = state.proportional or decision.proportional
         self._rebias(ins, state)
@@ -483,6 +500,24 @@ class RealizeTokens:
             state.bias = None
         else:
             state.bias = ins(tk.token_bias.default, state.valid, size, self.dtype, role="tokens.bias")
+
+    # -- dense restore -------------------------------------------------------------------------------
+    def _track_keep(self, ins, state: TokenState, x: fx.Node, idx, valid) -> None:
+        """Before a Keep (dense=True): the tokens it drops keep their current value ``x`` in the grid."""
+        if state.home is None:
+            return
+        state.dense = ins(tk.dense_restore.default, x, state.home, state.dense, role="tokens.dense")
+        row_map = ins(tk.keep_map.default, idx, valid, state.length)
+        state.home = ins(tk.follow_rows.default, state.home, row_map, role="tokens.home")
+
+    def _restore_grid(self, gm, info: ModelInfo, state: TokenState) -> None:
+        """After the last block: ``[B, N0, C]`` again, so the head runs on the grid it was built for."""
+        last = info.blocks[-1].x_out
+        users = list(last.users)
+        grid = _Inserter(gm, last.next, info.blocks[-1].index, "")(
+            tk.dense_restore.default, last, state.home, state.dense, role="tokens.grid")
+        for u in users:
+            u.replace_input_with(last, grid)
 
     # -- the head ------------------------------------------------------------------------------------
     def _rewire_pool(self, gm, ins, reader, state: TokenState) -> None:
@@ -537,8 +572,9 @@ class RealizeTokens:
                 continue
             raise RewriteError(
                 f"after the last block the model uses every token (node {reader.node.name}, {reader.kind}); "
-                "token reduction would change that output's shape. Reduce tokens only in models whose head "
-                "reads prefix tokens or pools over tokens")
+                "token reduction would change that output's shape. Pass dense=True to restore the full token grid "
+                "after the last block, or reduce tokens only in models whose head reads prefix tokens or pools "
+                "over tokens")
 
 
 

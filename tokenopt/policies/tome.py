@@ -69,7 +69,8 @@ class ToMe(PolicyConfig):
                                "give one value per block or a single int")
         ctx.require_dense("bipartite matching")
         p, active = ctx.num_prefix, ctx.tokens
-        r = min(r, (active - p + 1) // 2)
+        # bipartite matching: sources are every other patch token, destinations the rest (at least one)
+        r = min(r, (active - p + 1) // 2) if active - p >= 2 else 0
         if r <= 0:
             return None
         part = None if active == ctx.length else active
