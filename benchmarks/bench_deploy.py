@@ -40,6 +40,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="deit_small_patch16_224")
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--depth", type=int, default=None, help="fewer blocks than the model's (quick runs)")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--onnx-policies", nargs="*", default=["topk", "tome"])
     ap.add_argument("--threshold-policies", nargs="*", default=["topk", "tome", "ats"])
@@ -52,7 +53,7 @@ def main(argv=None) -> int:
     import timm
 
     torch.manual_seed(0)
-    model = timm.create_model(args.model, pretrained=False).eval()
+    model = timm.create_model(args.model, pretrained=False, **({"depth": args.depth} if args.depth else {})).eval()
     x = torch.randn(args.batch, 3, 224, 224)
     report = {"model": args.model, "batch": args.batch, "threads": torch.get_num_threads(), "onnx": {}, "min_batch": {}}
     print(f"{args.model}, batch {args.batch}, fp32, CPU, {torch.get_num_threads()} threads, {args.rounds} rounds")

@@ -62,7 +62,7 @@ def test_bench_deploy_runs_and_writes_json(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tokenopt.module, "AUTO_BATCHES", (1, 2))
     out = tmp_path / "d.json"
-    _load("bench_deploy").main(["--model", "deit_tiny_patch16_224", "--batch", "2", "--rounds", "1",
+    _load("bench_deploy").main(["--model", "deit_tiny_patch16_224", "--depth", "2", "--batch", "2", "--rounds", "1",
                                 "--onnx-policies", "topk", "--threshold-policies", "topk", "--json", str(out)])
     data = json.loads(out.read_text())
     assert set(data["onnx"]["topk"]) == {"eager", "torch", "ort"} and all(v > 0 for v in data["onnx"]["topk"].values())

@@ -93,10 +93,11 @@ class _ModuleTracker:
 
 
 @contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module):
-    """Export in eval mode (dropout off, drop-path off) and give the model back as it came."""
+def _eval_mode(model: torch.nn.Module, train: bool = False):
+    """Export in eval mode (dropout off, drop-path off), or in training mode, and give the model back as
+    it came."""
     modes = {m: m.training for m in model.modules()}
-    model.eval()
+    model.train(train)
     try:
         yield
     finally:
@@ -110,6 +111,7 @@ def capture(
     *,
     dynamic_batch: bool = True,
     dynamic_size: bool = True,
+    train: bool = False,
 ) -> fx.GraphModule:
     """Capture ``model`` as an ATen-level ``torch.fx.GraphModule``.
 
@@ -123,6 +125,8 @@ def capture(
         dynamic_batch: keep the batch dimension symbolic.
         dynamic_size: also try image sizes as symbols; when the model takes other sizes the size-generic
             graph is kept in ``gm.meta["tokenopt.generic"]`` (the returned graph has the example's size).
+        train: capture the training form (dropout, stochastic depth and batch statistics as in
+            training) instead of the inference form.
 
     Returns:
         A GraphModule taking the same inputs and returning the same output structure as ``model``.
@@ -163,7 +167,7 @@ def capture(
     tracker = _ModuleTracker(model)
     exported = generic = None
     try:
-        with _eval_mode(model), warnings.catch_warnings():
+        with _eval_mode(model, train), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if dynamic_size and dynamic_shapes is not None and any(isinstance(x, torch.Tensor) and x.dim() == 4 for x in example_inputs):
                 # image sizes left free too: a model that takes other sizes (timm dynamic_img_size, ...) keeps

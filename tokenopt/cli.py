@@ -5,6 +5,7 @@
     tokenopt viz --policy tome           # which tokens each block kept or merged, as a PNG
     tokenopt explain deit_small_patch16_224 --policy topk --set keep_rate=0.5
     tokenopt optimize deit_tiny_patch16_224 --policy ats --out deit_ats.pt2   # tokenopt.load(path)
+    tokenopt train --policy avit --init out/fmnist_vit/model.pt --out out/fmnist_avit   # tokenopt.train
 """
 
 from __future__ import annotations
@@ -268,8 +269,15 @@ def _plot_tradeoff(rows, path: str, model: str) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:  # its own parser (tokenopt.train), also run as `torchrun -m tokenopt.train`
+        from tokenopt.train import main as train_main
+
+        return train_main(argv[1:])
     parser = argparse.ArgumentParser(prog="tokenopt", description="Token reduction for Vision Transformers")
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("train", help="train a small ViT on Fashion-MNIST, optionally with a learned policy "
+                                 "(tokenopt train --help)")
 
     demo = sub.add_parser("demo", help="optimize timm DeiT-Tiny (random weights) and print the report")
     demo.add_argument("--policy", default="ats")

@@ -203,14 +203,12 @@ def token_counts(gm: fx.GraphModule, *inputs) -> dict[int, "torch.Tensor"]:
             out = super().run_node(n)
             if n.name in wanted:
                 seen[n.name] = out.sum(1) if wanted[n.name] == "valid" else out[1:] - out[:-1]
-            if n in block_of_out:
-                src = sources.get(block_of_out[n])
-                counts[block_of_out[n]] = (
-                    seen[src[1]] if src is not None
-                    else torch.full((out.shape[0],), out.shape[1], dtype=torch.long)
-                )
+            if n in block_of_out and block_of_out[n] not in sources:
+                counts[block_of_out[n]] = torch.full((out.shape[0],), out.shape[1], dtype=torch.long)
             return out
 
     with torch.no_grad():
         _Recorder(gm).run(*inputs)
-    return counts
+    # (a count decided at a block's output, as halting is, is computed after that node)
+    counts.update({b: seen[name] for b, (_kind, name) in sources.items()})
+    return dict(sorted(counts.items()))

@@ -205,7 +205,7 @@ def stamp(node: fx.Node, **provenance: Any) -> fx.Node:
 #   site "post_attn": after the attention residual, before the MLP (top-k, EViT, ToMe).
 
 META_PLAN = "tokenopt.plan"  # gm.meta key: list[PlannedDecision], filled by the policy passes
-SITES = ("attn", "post_attn")
+SITES = ("attn", "post_attn", "post_block")
 
 
 @dataclass
@@ -234,6 +234,20 @@ class Merge:
     num_slots: int
     proportional: bool = True
     rep: Optional[fx.Node] = None  # [B, N] bool: the token whose position a slot keeps (side tables)
+
+
+@dataclass
+class Halt:
+    """Adaptive halting (A-ViT): ``score`` in [0, 1] for every current token (rows laid out as the
+    residual stream: ``[B, L]`` dense, ``[1, T]`` packed), decided on the block's output. Scores
+    accumulate per token; a token whose cumulative score passes ``1 - eps`` halts: it adds its remainder
+    times its state to its output and leaves (packed) or is masked out (masked); a running token adds
+    ``score`` times its state. ``last``: every running token halts here (its score counts as 1). The head
+    reads the accumulated outputs. Realised by ``tokenopt::act_step``."""
+
+    score: fx.Node
+    eps: float = 0.01
+    last: bool = False
 
 
 @dataclass

@@ -45,7 +45,7 @@ DIFFERENTIABLE: dict[str, tuple[int, ...]] = {}
 SYNCS = {"pack_index": 1}
 #: ops on packed tokens (sizes that depend on values) and ATS's selection (which may read them): no ATen
 #: decomposition is registered for them, so fake-tensor propagation keeps using their fake implementations
-PACKED = {"pack_index", "gather_rows", "unpack", "packed_cls_attention", "varlen_attention", "packed_select",
+PACKED = {"active_keep", "flat_map", "pack_index", "gather_rows", "unpack", "packed_cls_attention", "varlen_attention", "packed_select",
           "packed_mean", "ats_select"}
 
 
@@ -343,7 +343,10 @@ def varlen_attention(
     q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Optional[Tensor], cap_q: int, cap_k: int, scale: float,
     key_bias: Optional[Tensor] = None,
 ) -> Tensor:
-    """Packed queries, each image over its own keys = ``reference.varlen_attention_padded``."""
+    """Packed queries, each image over its own keys = ``reference.varlen_attention_padded`` (on a CPU, computed
+    as ``reference.varlen_attention_segments``: the same values, one SDPA per image)."""
+    if q.device.type == "cpu" and cu_q.device.type == "cpu":
+        return ref.varlen_attention_segments(q, k, v, cu_q, cu_k, scale, key_bias)
     return ref.varlen_attention_padded(q, k, v, cu_q, cu_k, cap_q, cap_k, scale, key_bias)
 
 
@@ -377,20 +380,53 @@ def _(x, cu, size, start, end):
 # --- dense restore ---------------------------------------------------------------------------------
 
 
+@_op("token_home", ref.token_home)
+def token_home(like: Tensor, n: int) -> Tensor:
+    """Every token's row = ``reference.token_home``."""
+    return ref.token_home(like, n)
+
+
+@token_home.register_fake
+def _(like, n):
+    return like.new_empty(like.shape[0], n, dtype=torch.long)
+
+
 @_op("keep_map", ref.keep_map)
 def keep_map(idx: Tensor, valid: Optional[Tensor], length: int) -> Tensor:
-    """Each row's row after a Keep (``-1``: dropped) = ``reference.keep_map``."""
+    """Each dense row's row after a Keep = ``reference.keep_map``."""
     return ref.keep_map(idx, valid, length)
 
 
 @keep_map.register_fake
 def _(idx, valid, length):
-    return idx.new_empty(idx.shape[0], length)
+    return idx.new_empty(idx.shape[0] * length)
+
+
+@_op("flat_map", ref.flat_map)
+def flat_map(flat: Tensor, like: Tensor) -> Tensor:
+    """Each row's row after a packing = ``reference.flat_map``."""
+    return ref.flat_map(flat, like)
+
+
+@flat_map.register_fake
+def _(flat, like):
+    return flat.new_empty(like.shape[0] * like.shape[1])
+
+
+@_op("slot_map", ref.slot_map)
+def slot_map(slot: Tensor, num_slots: int) -> Tensor:
+    """Each dense row's row after a merge = ``reference.slot_map``."""
+    return ref.slot_map(slot, num_slots)
+
+
+@slot_map.register_fake
+def _(slot, num_slots):
+    return slot.new_empty(slot.shape[0] * slot.shape[1])
 
 
 @_op("follow_rows", ref.follow_rows)
 def follow_rows(home: Tensor, row_map: Tensor) -> Tensor:
-    """Original tokens' rows after a Keep or merge = ``reference.follow_rows``."""
+    """Original tokens' rows after a Keep, merge or packing = ``reference.follow_rows``."""
     return ref.follow_rows(home, row_map)
 
 
@@ -407,7 +443,49 @@ def dense_restore(x: Tensor, home: Tensor, dense: Optional[Tensor]) -> Tensor:
 
 @dense_restore.register_fake
 def _(x, home, dense):
-    return x.new_empty(x.shape[0], home.shape[1], x.shape[2])
+    return x.new_empty(home.shape[0], home.shape[1], x.shape[-1])
+
+
+# --- adaptive halting ------------------------------------------------------------------------------
+
+
+@_op("act_step", ref.act_step, grads=(0, 1, 2, 3, 4, 5))
+def act_step(y: Tensor, h: Tensor, cum: Optional[Tensor], rem: Optional[Tensor], rho: Optional[Tensor],
+             acc: Optional[Tensor], active: Optional[Tensor], eps: float, last: bool
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One block of adaptive halting = ``reference.act_step``."""
+    return ref.act_step(y, h, cum, rem, rho, acc, active, eps, last)
+
+
+@act_step.register_fake
+def _(y, h, cum, rem, rho, acc, active, eps, last):
+    return (torch.empty_like(y), torch.empty_like(h), torch.empty_like(h), torch.empty_like(h), torch.empty_like(y),
+            torch.empty_like(h, dtype=torch.bool))
+
+
+@_op("halt_bias", ref.halt_bias)
+def halt_bias(active: Tensor, dtype: torch.dtype) -> Tensor:
+    """Key bias masking halted tokens = ``reference.halt_bias``."""
+    return ref.halt_bias(active, dtype)
+
+
+@halt_bias.register_fake
+def _(active, dtype):
+    return active.new_empty(active.shape[0], 1, 1, active.shape[1], dtype=dtype)
+
+
+@_op("active_keep", ref.active_keep)
+def active_keep(active: Tensor, cu: Optional[Tensor], capacity: int) -> tuple[Tensor, Tensor]:
+    """The running tokens as a Keep = ``reference.active_keep``."""
+    return ref.active_keep(active, cu, capacity)
+
+
+@active_keep.register_fake
+def _(active, cu, capacity):
+    if cu is None:
+        return torch.empty_like(active, dtype=torch.long), torch.empty_like(active)
+    b = cu.shape[0] - 1
+    return active.new_empty(b, capacity, dtype=torch.long), active.new_empty(b, capacity, dtype=torch.bool)
 
 
 # --- per-token side tables -------------------------------------------------------------------------

@@ -42,7 +42,7 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 import tokenopt.kernels.ops  # noqa: F401  (registers torch.ops.tokenopt.*)
-from tokenopt.ir import META_PLAN, META_ROLE, SITES, BlockInfo, Keep, Merge, ModelInfo, PlannedDecision, stamp
+from tokenopt.ir import META_PLAN, META_ROLE, SITES, BlockInfo, Halt, Keep, Merge, ModelInfo, PlannedDecision, stamp
 from tokenopt.passes import patterns as P
 from tokenopt.passes.find_blocks import get_model_info
 
@@ -73,7 +73,9 @@ class TokenState:
     proportional: bool = False
     pos: Optional[fx.Node] = None  # [B, length] original position of each token (models with side tables)
     home: Optional[fx.Node] = None  # [B, N0] each original token's current row, -1 once dropped (dense=True)
-    dense: Optional[fx.Node] = None  # [B, N0, C] dropped tokens' last values (dense=True)
+    dense: Optional[fx.Node] = None  # [B, N0, C] dropped tokens' last values (dense=True), or halted ones' outputs
+    halt: Optional[dict] = None  # adaptive halting: cum, rem, rho, acc per current row (Halt decisions)
+    grid: Optional[fx.Node] = None  # the head's [B, N0, C] input once the last Halt is realised
     changed: bool = False  # a decision has been realised: the tokens differ from the captured ones
 
     @property
@@ -128,6 +130,7 @@ class DecisionContext:
         self.has_cls = info.num_prefix_tokens == 1 or info.num_prefix_tokens > 1 and any(
             r.kind == "token" and r.index == 0 for r in info.head_readers)
         self.length, self.tokens, self.policy = state.length, state.active, policy
+        self.depth = len(info.blocks)
         self.call = _Inserter(gm, anchor, blk.index, policy)
         self._x = x
         self._packed_tables: Optional[list[fx.Node]] = None
@@ -175,8 +178,9 @@ class DecisionContext:
 
     @property
     def x(self) -> fx.Node:
-        """The residual stream at this site, ``[B, L, C]`` (post-attention site, dense tokens)."""
-        if self._x is None or self._state.packed:
+        """The residual stream at this site: ``[B, L, C]`` (post-attention site, dense tokens), or at the
+        block output (``post_block`` site) its rows in any layout (``[1, T, C]`` when packed)."""
+        if self._x is None or self._state.packed and self.site != "post_block":
             raise RewriteError(f"block {self.block.index}: {self.policy} reads the residual stream, which "
                                "is only available after attention on dense (unpacked) tokens")
         return self._x
@@ -215,6 +219,7 @@ class RealizeTokens:
             by_site.setdefault((d.block, d.site), []).append(d)
         state = TokenState(length=info.num_tokens, active=info.num_tokens)
         self.decisions: list[dict] = []
+        self.halting: list[dict] = []
         self.dtype = P.val(info.blocks[0].x_in).dtype
         counts: dict[int, Any] = {}
         count_nodes: dict[int, tuple[str, str]] = {}
@@ -225,12 +230,13 @@ class RealizeTokens:
             first = info.blocks[0].x_in
             state.pos = _Inserter(gm, first.next, 0, "")(tk.token_positions.default, first, info.num_tokens,
                                                         role="tokens.pos")
-        if self.dense and plan:
-            if self.mode == "packed":
+        halting = any(d.site == "post_block" for d in plan)
+        if halting and self.mode == "packed" or self.dense and plan:
+            if self.mode == "packed" and not halting:
                 raise RewriteError("dense=True restores the token grid from padded or masked tokens; packed tokens "
                                    "have no per-image rows to restore: use mode='padded'")
             first = info.blocks[0].x_in
-            state.home = _Inserter(gm, first.next, 0, "")(tk.token_positions.default, first, info.num_tokens,
+            state.home = _Inserter(gm, first.next, 0, "")(tk.token_home.default, first, info.num_tokens,
                                                          role="tokens.home")
         for blk in info.blocks:
             if state.changed:
@@ -253,11 +259,18 @@ class RealizeTokens:
             for d in by_site.get((blk.index, "post_attn"), []):
                 x, n = self._post_attn_site(gm, info, blk, state, d, x)
                 decided += n
+            for d in by_site.get((blk.index, "post_block"), []):
+                decided += self._post_block_site(gm, info, blk, state, d)
             state.changed = state.changed or decided > 0
             counts[blk.index] = state.active
             if state.count is not None:
                 count_nodes[blk.index] = ("cu" if state.packed else "valid", state.count.name)
-        if decided and self.dense:
+        if halting and decided and state.grid is None:
+            raise RewriteError("adaptive halting must end at the model's last block (every token halts there); "
+                               f"its last halting block is {max(d.block for d in plan if d.site == 'post_block')}")
+        if state.grid is not None:
+            pass  # the head already reads the accumulated outputs
+        elif decided and self.dense:
             self._restore_grid(gm, info, state)
         elif decided:
             self._rewire_head(gm, info, state)
@@ -268,9 +281,11 @@ class RealizeTokens:
         # the per-block count nodes stay (token_counts and explain read them), even past the last reader
         keep = {name for _kind, name in count_nodes.values()}
         keep |= {d[k] for d in self.decisions for k in ("idx", "valid", "slot") if d.get(k)}
+        keep |= {h[k] for h in self.halting for k in ("score", "rho", "active")}
         gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.name in keep or n.is_impure())
         gm.meta["tokenopt.count_nodes"] = count_nodes
         gm.meta["tokenopt.decisions"] = self.decisions
+        gm.meta["tokenopt.halting"] = self.halting
         gm.meta.setdefault("tokenopt.counters", {})[self.pass_name] = {
             "mode": self.mode, "decisions": decided, "tokens": counts,
             "blocks": sorted({d.block for d in plan}),
@@ -326,9 +341,12 @@ class RealizeTokens:
     def _decide(self, gm, info, blk, state, d: PlannedDecision, anchor, x):
         ctx = DecisionContext(self, gm, info, blk, state, d.site, anchor, x, d.policy)
         decision = d.decide(ctx)
-        if decision is not None and not isinstance(decision, (Keep, Merge)):
-            raise RewriteError(f"{d.policy}: a decision must be tokenopt.ir.Keep, Merge or None; got "
+        if decision is not None and not isinstance(decision, (Keep, Merge, Halt)):
+            raise RewriteError(f"{d.policy}: a decision must be tokenopt.ir.Keep, Merge, Halt or None; got "
                                f"{type(decision).__name__}")
+        if decision is not None and isinstance(decision, Halt) != (d.site == "post_block"):
+            raise RewriteError(f"{d.policy}: Halt decisions are made at the block output (site 'post_block') and "
+                               f"only there; got {type(decision).__name__} at site {d.site!r}")
         if isinstance(decision, Keep):
             self.decisions.append({"block": blk.index, "kind": "keep", "idx": decision.idx.name,
                                    "valid": decision.valid.name if decision.valid is not None else None})
@@ -391,6 +409,54 @@ class RealizeTokens:
         for u in users:  # the block's own readers of x (norm2, the MLP residual) take the new tokens
             u.replace_input_with(x, new_x)
         return new_x, 1
+
+    def _post_block_site(self, gm, info, blk, state, d) -> int:
+        """Adaptive halting at the block output: accumulate, then drop (packed) or mask the halted tokens."""
+        x = blk.x_out
+        users = list(x.users)
+        decision, ins = self._decide(gm, info, blk, state, d, x.next, x)
+        if decision is None:
+            return 0
+        if state.size is not None or self.needs_positions:
+            raise RewriteError(f"block {blk.index}: {d.policy} halts tokens, which is not combined with merged "
+                               "tokens or with rotary / relative-position tables yet; use it alone on a plain ViT")
+        h = state.halt or {}
+        active_in = None if state.packed else state.valid
+        step = ins(tk.act_step.default, x, decision.score, h.get("cum"), h.get("rem"), h.get("rho"), h.get("acc"),
+                   active_in, decision.eps, decision.last, role="halt.step")
+        x_next, cum, rem, rho, acc, active = ins.items(
+            step, 6, roles=(None, "halt.cum", "halt.rem", "halt.rho", "halt.acc", "halt.active"))
+        state.halt = dict(cum=cum, rem=rem, rho=rho, acc=acc)
+        self.halting.append({"block": blk.index, "score": decision.score.name, "rho": rho.name,
+                             "active": active.name})
+        if decision.last:  # every token has halted: the head reads the accumulated outputs
+            grid = acc if state.home is None else ins(tk.dense_restore.default, acc, state.home, state.dense,
+                                                       role="tokens.grid")
+            for u in users:
+                u.replace_input_with(x, grid)
+            state.grid = grid
+            return 1
+        if self.mode != "packed":  # masked (and padded: a static capacity cannot shrink): mask them out
+            for u in users:
+                u.replace_input_with(x, x_next)
+            state.valid = active
+            state.active = None
+            state.bias = ins(tk.halt_bias.default, active, self.dtype, role="tokens.bias")
+            return 1
+        idx, valid = ins.items(ins(tk.active_keep.default, active, state.cu, state.cap if state.packed else state.length), 2,
+                               roles=("tokens.idx", "tokens.valid"))
+        width = state.length
+        state.dense = ins(tk.dense_restore.default, acc, state.home, state.dense, role="tokens.dense")
+        flat, _cu = self._pack(ins, Keep(idx, width, valid), state, d)
+        state.home = ins(tk.follow_rows.default, state.home, ins(tk.flat_map.default, flat, x_next), role="tokens.home")
+        new_x = ins(tk.gather_rows.default, x_next, flat)
+        scalars = ins(aten.stack.default, [cum, rem, rho], -1)
+        kept = ins(tk.gather_rows.default, scalars, flat)
+        state.halt = dict(zip(("cum", "rem", "rho"), (ins(aten.select.int, kept, -1, i) for i in range(3))),
+                          acc=ins(tk.gather_rows.default, acc, flat))
+        for u in users:
+            u.replace_input_with(x, new_x)
+        return 1
 
     # -- realising a Keep ----------------------------------------------------------------------------
     def _widen(self, ins, decision: Keep, state: TokenState):
@@ -488,7 +554,8 @@ class RealizeTokens:
                     "the policy's Merge needs rep=")
             state.pos = ins(tk.slot_positions.default, state.pos, decision.slot, decision.rep, slots, role="tokens.pos")
         if state.home is not None:  # every token a slot absorbed now lives in that slot's row
-            state.home = ins(tk.follow_rows.default, state.home, decision.slot, role="tokens.home")
+            row_map = ins(tk.slot_map.default, decision.slot, slots)
+            state.home = ins(tk.follow_rows.default, state.home, row_map, role="tokens.home")
         state.length, state.active, state.size, state.valid = slots, decision.num_slots, size, valid
         state.proportional = state.proportional or decision.proportional
         self._rebias(ins, state)

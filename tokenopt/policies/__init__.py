@@ -3,9 +3,10 @@
 from tokenopt.policies.base import (Composite, PlanDecisions, PolicyConfig, available_policies, make_config,
                                     register_policy)
 from tokenopt.policies.ats import ATS
+from tokenopt.policies.avit import AViT
 from tokenopt.policies.none import NoReduction
 from tokenopt.policies.tome import ToMe
 from tokenopt.policies.topk import TopK
 
 __all__ = ["PolicyConfig", "Composite", "PlanDecisions", "available_policies", "make_config", "register_policy",
-           "NoReduction", "ATS", "TopK", "ToMe"]
+           "NoReduction", "ATS", "AViT", "TopK", "ToMe"]

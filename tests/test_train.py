@@ -1,0 +1,61 @@
+"""The training entry point: resume reproduces the uninterrupted run; two processes under torchrun
+(gloo) give the loss of one process on the same global batch. Tiny settings (the recipe: README)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tokenopt.fidelity import FASHION_MNIST_ROOT
+
+pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(FASHION_MNIST_ROOT, "t10k-labels-idx1-ubyte.gz")),
+                                reason="Fashion-MNIST not installed (scripts/dev installs it)")
+
+TINY = ["--train-images", "256", "--test-images", "100", "--batch", "64", "--depth", "2", "--embed-dim", "32",
+        "--warmup-steps", "2", "--policy", "avit", "--set", "beta=3.0", "--set", "prior_weight=0.0", "--no-progress"]
+
+
+def _log(path):
+    with open(os.path.join(path, "log.json")) as f:
+        return json.load(f)["epochs"]
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    from tokenopt.train import TrainConfig, parse_args, train
+
+    straight = parse_args(["--out", str(tmp_path / "a"), "--epochs", "2", *TINY])
+    train(straight, progress=False)
+    cut = parse_args(["--out", str(tmp_path / "b"), "--epochs", "2", *TINY])
+    cut.stop_after_epoch = 1
+    train(cut, progress=False)
+    assert len(_log(tmp_path / "b")) == 1
+    resumed = parse_args(["--out", str(tmp_path / "b"), "--epochs", "2", "--resume", *TINY])
+    train(resumed, progress=False)
+    a = torch.load(tmp_path / "a" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    la, lb = _log(tmp_path / "a"), _log(tmp_path / "b")
+    assert [r["loss"] for r in la] == [r["loss"] for r in lb] and la[1]["test_accuracy"] == lb[1]["test_accuracy"]
+    assert isinstance(TrainConfig(), TrainConfig)
+
+
+def test_two_processes_under_torchrun_match_one(tmp_path):
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    if torchrun is None:
+        pytest.skip("torchrun not installed")
+    args = ["--epochs", "1", *TINY]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", "29517", "-m", "tokenopt.train",
+                    "--out", str(tmp_path / "ddp"), *args], check=True, env=env, capture_output=True, timeout=600)
+    subprocess.run([sys.executable, "-m", "tokenopt.train", "--out", str(tmp_path / "one"), *args], check=True,
+                   env=env, capture_output=True, timeout=600)
+    ddp, one = _log(tmp_path / "ddp")[0], _log(tmp_path / "one")[0]
+    for key in ("loss", "task", "ponder"):
+        assert ddp[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key
+    a = torch.load(tmp_path / "ddp" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "one" / "model.pt", weights_only=True)
+    assert all(torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4) for k in a)

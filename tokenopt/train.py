@@ -1,0 +1,280 @@
+"""Training entry point: a small ViT on Fashion-MNIST, from scratch or fine-tuned with a learned policy.
+
+    tokenopt train --out out/fmnist_vit --epochs 6                                   # plain ViT, from scratch
+    tokenopt train --out out/fmnist_avit --policy avit --init out/fmnist_vit/model.pt --epochs 2
+    torchrun --nproc-per-node 2 -m tokenopt.train --out out/ddp --epochs 1       # the same, 2 processes
+
+One process or several under ``torchrun`` (``DistributedDataParallel``; gloo on CPU, nccl on CUDA) run
+the same steps: every step takes the same global batch (a seeded permutation per epoch), each process
+its equal share of it, so the logged loss (averaged over processes) equals one process's on the whole
+batch. Rank 0 shows a progress display, writes ``log.json`` (per epoch: losses, test accuracy, tokens
+per block, time) and a checkpoint after each epoch (``checkpoint.pt``: weights, optimizer, scheduler,
+RNG states, the log) from which ``--resume`` continues exactly; ``model.pt`` holds the weights of the
+original architecture (an ordinary state dict). The model: a timm ViT at 28x28, patch 2 (196 patch
+tokens + CLS), one input channel, no dropout (so runs are deterministic and comparable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+__all__ = ["TrainConfig", "build_model", "train", "main"]
+
+MEAN, STD = 0.2860, 0.3530  # Fashion-MNIST pixel statistics (train split)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    out: str = "out/fmnist_vit"
+    policy: str = "none"  # "none" or "avit"
+    policy_options: dict = dataclasses.field(default_factory=dict)
+    init: Optional[str] = None  # a model.pt to start from (fine-tuning)
+    epochs: int = 6
+    batch: int = 128  # global batch
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    train_images: int = 60000
+    test_images: int = 10000
+    embed_dim: int = 64
+    depth: int = 6
+    heads: int = 4
+    mlp_ratio: float = 2.0
+    seed: int = 0
+    resume: bool = False
+    stop_after_epoch: Optional[int] = None  # (tests: stop early, as if interrupted)
+
+
+def build_model(cfg: TrainConfig) -> torch.nn.Module:
+    import timm
+
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=28, patch_size=2, in_chans=1,
+                             num_classes=10, embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.heads,
+                             mlp_ratio=cfg.mlp_ratio, drop_rate=0.0, drop_path_rate=0.0)
+
+
+def _data(split: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from tokenopt.fidelity import load_fashion_mnist
+
+    images, labels = load_fashion_mnist(split, n)
+    return ((images.float() / 255 - MEAN) / STD).unsqueeze(1), labels
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _schedule(cfg: TrainConfig, total_steps: int):
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int = 500) -> float:
+    was = model.training
+    model.eval()
+    correct = 0
+    for i in range(0, len(labels), batch):
+        correct += (model(images[i:i + batch]).argmax(1) == labels[i:i + batch]).sum().item()
+    model.train(was)
+    return correct / len(labels)
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> dict:
+    """Run the recipe (see the module docstring); returns the log."""
+    import tokenopt
+
+    rank, world = _world()
+    if cfg.batch % world:
+        raise ValueError(f"--batch {cfg.batch} must divide evenly over {world} processes")
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    model = build_model(cfg)
+    if cfg.init:
+        model.load_state_dict(torch.load(cfg.init, map_location="cpu", weights_only=True))
+    train_x, train_y = _data("train", cfg.train_images)
+    test_x, test_y = _data("test", cfg.test_images)
+    example = (train_x[:2],)
+    net = tokenopt.prepare_training(model, policy=cfg.policy, example_inputs=example, **cfg.policy_options)
+    steps_per_epoch = len(train_y) // cfg.batch
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, steps_per_epoch * cfg.epochs))
+    log: list[dict] = []
+    start_epoch = 0
+    ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
+    if cfg.resume and os.path.exists(ckpt_path):
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        net.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        random.setstate(ckpt["python_rng"])
+        log, start_epoch = ckpt["log"], ckpt["epoch"] + 1
+    ddp = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
+    if rank == 0:
+        os.makedirs(cfg.out, exist_ok=True)
+    display = _Display(enabled=progress and rank == 0, total=steps_per_epoch)
+    shard = cfg.batch // world
+    for epoch in range(start_epoch, cfg.epochs):
+        started = time.time()
+        order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+        sums = {"loss": 0.0, "task": 0.0, "ponder": 0.0, "prior": 0.0}
+        display.start(f"epoch {epoch + 1}/{cfg.epochs}")
+        for step in range(steps_per_epoch):
+            idx = order[step * cfg.batch:(step + 1) * cfg.batch][rank * shard:(rank + 1) * shard]
+            logits = ddp(train_x[idx])
+            task = F.cross_entropy(logits, train_y[idx])
+            aux = net.aux_losses()
+            loss = task + sum(aux.values(), torch.zeros(()))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            values = torch.stack([loss.detach(), task.detach(), *(aux.get(k, torch.zeros(())).detach()
+                                                                   for k in ("ponder", "prior"))])
+            if world > 1:
+                dist.all_reduce(values)
+                values /= world
+            for k, v in zip(sums, values.tolist()):
+                sums[k] += v
+            display.advance(f"loss {values[0].item():.4f}")
+        display.stop()
+        record = {"epoch": epoch + 1, **{k: v / steps_per_epoch for k, v in sums.items()},
+                  "lr": sched.get_last_lr()[0], "seconds": round(time.time() - started, 1)}
+        if rank == 0:
+            record["test_accuracy"] = evaluate(net, test_x, test_y)
+            net.eval()
+            counts = tokenopt.token_counts(net, test_x[:500])  # tokens running after each block
+            net.train()
+            record["tokens_per_block"] = [round(c.float().mean().item(), 2) for c in counts.values()]
+            log.append(record)
+            _save(cfg, net, opt, sched, epoch, log)
+            display.note(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                           for k, v in record.items() if k != "epoch"))
+        else:
+            log.append(record)
+        if world > 1:
+            dist.barrier()
+        if cfg.stop_after_epoch is not None and epoch + 1 >= cfg.stop_after_epoch:
+            break
+    return {"log": log, "net": net}
+
+
+def _save(cfg: TrainConfig, net, opt, sched, epoch: int, log: list) -> None:
+    """Checkpoint (to resume) and the plain weights (model.pt), each written atomically."""
+    state = {"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+             "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(), "epoch": epoch, "log": log,
+             "config": dataclasses.asdict(cfg)}
+    for name, obj in (("checkpoint.pt", state), ("model.pt", net.state_dict())):
+        tmp = os.path.join(cfg.out, f".{name}.{os.getpid()}.tmp")
+        torch.save(obj, tmp)
+        os.replace(tmp, os.path.join(cfg.out, name))
+    tmp = os.path.join(cfg.out, f".log.json.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump({"config": dataclasses.asdict(cfg), "epochs": log}, f, indent=1)
+    os.replace(tmp, os.path.join(cfg.out, "log.json"))
+
+
+class _Display:
+    """A rich progress bar on rank 0 (nothing elsewhere, or when disabled)."""
+
+    def __init__(self, enabled: bool, total: int):
+        import sys
+
+        self.enabled, self.total, self.bar = enabled, total, None
+        self.plain = enabled and not sys.stdout.isatty()  # a log file: a line every 10% instead of a bar
+
+    def start(self, title: str) -> None:
+        self.title, self.done, self.started = title, 0, time.time()
+        if not self.enabled or self.plain:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+        self.bar.start()
+        self.task = self.bar.add_task(title, total=self.total, info="")
+
+    def advance(self, info: str) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update(self.task, advance=1, info=info)
+        elif self.plain and (self.done % max(1, self.total // 10) == 0 or self.done == self.total):
+            rate = self.done / max(time.time() - self.started, 1e-9)
+            print(f"{self.title}: {self.done}/{self.total} steps, {rate:.2f} steps/s, {info}", flush=True)
+
+    def stop(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+    def note(self, text: str) -> None:
+        if self.enabled:
+            from rich.console import Console
+
+            Console().print(text)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
+    ap = argparse.ArgumentParser(prog="tokenopt train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = TrainConfig()
+    helps = {"out": "folder for log.json, checkpoint.pt and model.pt", "policy": "none or avit",
+             "init": "a model.pt to start from (fine-tuning)", "batch": "global batch (split over processes)",
+             "train_images": "first N training images", "test_images": "first N test images (accuracy each epoch)",
+             "warmup_steps": "linear warm-up, then cosine decay", "seed": "data order and initialisation"}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in ("policy_options", "resume", "stop_after_epoch"):
+            continue
+        kind = type(getattr(defaults, f.name)) if getattr(defaults, f.name) is not None else str
+        ap.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=getattr(defaults, f.name),
+                        help=f"{helps.get(f.name, '')} (default: {getattr(defaults, f.name)})".strip())
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a policy option, e.g. --set gamma=10 --set beta=30")
+    ap.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    for name in ("epochs", "batch", "train_images", "test_images", "depth", "heads", "embed_dim"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be at least 1")
+    from tokenopt.cli import _parse_sets
+
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                         if f.name not in ("policy_options", "stop_after_epoch")})
+    cfg.policy_options = _parse_sets(args.set)
+    cfg.no_progress = args.no_progress  # type: ignore[attr-defined]
+    return cfg
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    cfg = parse_args(argv)
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        train(cfg, progress=not getattr(cfg, "no_progress", False))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,111 @@
+"""The training path: ``tokenopt.prepare_training(model, policy=...)``.
+
+The model is captured in its training form (dropout and stochastic depth active, as ``model.train()``
+runs it) and the policy is realised *masked*: every token stays in the buffer, decisions become masks
+and attention biases, and every token op has autograd, so the graph trains like the model. What the
+policy needs for its auxiliary losses (A-ViT: the halting scores of every block and the ponder counts)
+is returned by the graph beside the model's output and turned into losses by the policy
+(:meth:`TrainingModule.aux_losses`).
+
+The returned :class:`TrainingModule` is an :class:`~tokenopt.module.OptimizedModule` with weights of its
+own and the model's parameter names, so ``model.load_state_dict(tm.state_dict())`` puts the trained
+weights back into the original architecture: an ordinary checkpoint, which
+``tokenopt.optimize(model, policy=...)`` then turns into the inference graph (packed: halted tokens
+gone).
+
+    >>> import torch, timm, tokenopt
+    >>> model = timm.create_model("deit_tiny_patch16_224", depth=2, num_classes=10)
+    >>> tm = tokenopt.prepare_training(model, policy="avit")
+    >>> logits = tm(torch.randn(2, 3, 224, 224))
+    >>> sorted(tm.aux_losses())
+    ['ponder', 'prior']
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence, Union
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from tokenopt.capture import capture
+from tokenopt.module import OptimizedModule, carried_attributes, signature_of
+from tokenopt.policies import PolicyConfig, make_config
+from tokenopt.policies.avit import AViT, avit_losses
+
+__all__ = ["prepare_training", "TrainingModule"]
+
+
+class TrainingModule(OptimizedModule):
+    """The masked training graph. ``tm(x)`` returns the model's output; the auxiliary values of that call
+    are kept (``tm.aux``) and :meth:`aux_losses` turns them into the policy's weighted losses."""
+
+    def __call__(self, *args, **kwargs):
+        out, aux = super().__call__(*args, **kwargs)
+        self.__dict__["aux"] = aux
+        return out
+
+    def aux_losses(self) -> dict[str, torch.Tensor]:
+        """The policy's auxiliary losses of the last call, each already weighted by its config."""
+        aux = self.__dict__.get("aux")
+        if aux is None:
+            raise RuntimeError("call the training module on a batch first; its losses come from that call")
+        config = self.meta["tokenopt.policy"]
+        if isinstance(config, AViT):
+            return avit_losses(config, list(aux["scores"]), aux["rho"])
+        return {}
+
+    def halting_scores(self) -> list[torch.Tensor]:
+        """A-ViT: the halting score of every token at every halting block of the last call."""
+        return list((self.__dict__.get("aux") or {}).get("scores", ()))
+
+
+def _append_outputs(gm: fx.GraphModule, extra: dict[str, Any]) -> None:
+    """Make ``gm`` return ``(original output, extra)`` (``extra`` a pytree of graph nodes)."""
+    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    spec = getattr(gm, "_out_spec", None)
+    flat = list(out.args[0]) if isinstance(out.args[0], (list, tuple)) else [out.args[0]]
+    leaves, extra_spec = pytree.tree_flatten(extra)
+    original = pytree.tree_unflatten(list(range(len(flat))), spec) if spec is not None else flat[0]
+    new_spec = pytree.tree_structure((original, pytree.tree_unflatten(list(range(len(leaves))), extra_spec)))
+    out.args = (tuple(flat + leaves),)
+    codegen = gm.graph._codegen
+    if hasattr(codegen, "pytree_info"):
+        codegen.pytree_info = codegen.pytree_info._replace(out_spec=new_spec)
+    gm._out_spec = new_spec
+    gm.recompile()
+
+
+def prepare_training(
+    model: torch.nn.Module,
+    policy: Union[str, PolicyConfig] = "avit",
+    example_inputs: Optional[Sequence[Any]] = None,
+    **options: Any,
+) -> TrainingModule:
+    """Capture ``model`` in training form with ``policy`` realised masked (differentiable).
+
+    Args:
+        model: the ViT; it is not modified (the training module has its own copy of the weights).
+        policy: a policy alias or config (``"avit"``, ``tokenopt.AViT(gamma=..., ...)``, ...).
+        example_inputs: one call's inputs (default: a random batch of the model's input size).
+        **options: fields of the policy's config.
+
+    Returns:
+        A :class:`TrainingModule`; put it in an ordinary training loop and add
+        ``sum(tm.aux_losses().values())`` to the task loss.
+    """
+    from tokenopt.api import _build  # (api imports this module's neighbours; avoid a cycle)
+
+    config = make_config(policy, **options)
+    gm = capture(model, example_inputs, train=True, dynamic_size=False)
+    gm.meta.pop("tokenopt.generic", None)
+    gm, _ = _build(gm, config, {"mode": "masked", "kernels": "reference", "dense": False, "keep_original": False})
+    halting = gm.meta.get("tokenopt.halting", [])
+    by_name = {n.name: n for n in gm.graph.nodes}
+    extra = {"scores": [by_name[h["score"]] for h in halting], "rho": by_name[halting[-1]["rho"]]} if halting else {}
+    _append_outputs(gm, extra)
+    tm = TrainingModule.wrap(gm, signature=signature_of(model, len(gm.meta["tokenopt.example_inputs"])),
+                             carried=carried_attributes(model), own_weights=True)
+    tm.train()
+    return tm
