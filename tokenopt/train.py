@@ -54,6 +54,7 @@ class TrainConfig:
     seed: int = 0
     resume: bool = False
     stop_after_epoch: Optional[int] = None  # (tests: stop early, as if interrupted)
+    no_progress: bool = False  # no progress display
 
 
 def build_model(cfg: TrainConfig) -> torch.nn.Module:
@@ -242,7 +243,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
              "train_images": "first N training images", "test_images": "first N test images (accuracy each epoch)",
              "warmup_steps": "linear warm-up, then cosine decay", "seed": "data order and initialisation"}
     for f in dataclasses.fields(TrainConfig):
-        if f.name in ("policy_options", "resume", "stop_after_epoch"):
+        if f.name in ("policy_options", "resume", "stop_after_epoch", "no_progress"):
             continue
         kind = type(getattr(defaults, f.name)) if getattr(defaults, f.name) is not None else str
         ap.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=getattr(defaults, f.name),
@@ -260,7 +261,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                          if f.name not in ("policy_options", "stop_after_epoch")})
     cfg.policy_options = _parse_sets(args.set)
-    cfg.no_progress = args.no_progress  # type: ignore[attr-defined]
     return cfg
 
 
@@ -269,7 +269,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     try:
-        train(cfg, progress=not getattr(cfg, "no_progress", False))
+        train(cfg, progress=not cfg.no_progress)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -32,7 +32,6 @@ import torch.utils._pytree as pytree
 from tokenopt.capture import capture
 from tokenopt.module import OptimizedModule, carried_attributes, signature_of
 from tokenopt.policies import PolicyConfig, make_config
-from tokenopt.policies.avit import AViT, avit_losses
 
 __all__ = ["prepare_training", "TrainingModule"]
 
@@ -51,10 +50,7 @@ class TrainingModule(OptimizedModule):
         aux = self.__dict__.get("aux")
         if aux is None:
             raise RuntimeError("call the training module on a batch first; its losses come from that call")
-        config = self.meta["tokenopt.policy"]
-        if isinstance(config, AViT):
-            return avit_losses(config, list(aux["scores"]), aux["rho"])
-        return {}
+        return self.meta["tokenopt.policy"].training_losses(aux)
 
     def halting_scores(self) -> list[torch.Tensor]:
         """A-ViT: the halting score of every token at every halting block of the last call."""

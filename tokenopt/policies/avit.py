@@ -93,6 +93,9 @@ class AViT(PolicyConfig):
                                                     self.beta), role="halt.score")
         return Halt(h, eps=self.eps, last=ctx.block.index == last)
 
+    def training_losses(self, aux: dict) -> dict:
+        return avit_losses(self, list(aux["scores"]), aux["rho"])
+
 
 def halting_prior(depth: int, mean: Optional[float] = None, sigma: float = 1.0) -> torch.Tensor:
     """The distributional prior: a Gaussian over block index ``0..depth-1``, normalised to sum 1."""

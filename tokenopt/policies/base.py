@@ -54,6 +54,11 @@ class PolicyConfig:
     def policies(self) -> tuple["PolicyConfig", ...]:
         return (self,)
 
+    def training_losses(self, aux: dict) -> dict:
+        """The policy's auxiliary training losses (weighted) from what its training graph returned beside
+        the model's output (:mod:`tokenopt.training`); none by default."""
+        return {}
+
     def passes(self) -> list[Callable[[fx.GraphModule], Any]]:
         from tokenopt.passes.canonicalize import canonicalize_attention
 
