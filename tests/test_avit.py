@@ -130,3 +130,55 @@ def test_avit_config_is_validated():
     with pytest.raises(ValueError, match="must include the last block"):
         tokenopt.optimize(timm.create_model("vit_tiny_patch16_224", depth=4, img_size=64, patch_size=8),
                           policy="avit", blocks=(0, 1))
+
+
+def test_halt_pack_equals_act_step_with_the_halted_rows_gone():
+    """The packed inference op against the masked one: same accumulated outputs, same ACT state on the
+    rows still running, those rows packed in order (an image whose tokens all halt keeps no row)."""
+    tk = torch.ops.tokenopt
+    gen = torch.Generator().manual_seed(0)
+    b, n, c, eps = 3, 7, 5, 0.01
+    ys = torch.randn(4, b, n, c, generator=gen)
+    hs = torch.rand(4, b, n, generator=gen) * 0.7
+    hs[1, 2] = 1.0  # image 2 halts entirely at the second step
+    masked = dict(cum=None, rem=None, rho=None, acc=None, active=None)
+    packed = dict(cum=None, rem=None, rho=None, grid=None, home=None, cu=None)
+    for step in range(4):
+        last = step == 3
+        x_m, cum, rem, rho, acc, active = tk.act_step(ys[step], hs[step], masked["cum"], masked["rem"], masked["rho"],
+                                                      masked["acc"], masked["active"], eps, last)
+        masked = dict(cum=cum, rem=rem, rho=rho, acc=acc, active=active)
+        y_p = ys[step] if packed["cu"] is None else ys[step].reshape(-1, c)[packed["home"]][None]
+        h_p = hs[step] if packed["cu"] is None else hs[step].reshape(-1)[packed["home"]][None]
+        x_p, cum_p, rem_p, rho_p, grid, home, cu, longest, running = tk.halt_pack(
+            y_p, h_p, packed["cum"], packed["rem"], packed["rho"], packed["grid"], packed["home"], packed["cu"],
+            eps, last, n)
+        torch.testing.assert_close(grid, acc)
+        if last:
+            assert x_p.shape[1] == 0 and not running.any()
+            break
+        counts = active.sum(1)
+        assert cu.tolist() == [0] + counts.cumsum(0).tolist() and longest.shape[0] == counts.max()
+        rows = active.reshape(-1).nonzero().squeeze(1)
+        assert torch.equal(home, rows)  # the running rows, in order, by their row in the grid
+        torch.testing.assert_close(x_p[0], x_m.reshape(-1, c)[rows])
+        for got, want in ((cum_p, cum), (rem_p, rem), (rho_p, rho)):
+            torch.testing.assert_close(got[0], want.reshape(-1)[rows])
+        packed = dict(cum=cum_p, rem=rem_p, rho=rho_p, grid=grid, home=home, cu=cu)
+    assert step == 3 and counts[2] == 0
+
+
+def test_halt_pack_schema_and_fake():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    tk = torch.ops.tokenopt
+    y, h = torch.randn(2, 5, 3), torch.rand(2, 5)
+    args = (y, h, None, None, None, None, None, None, 0.01, False, 5)
+    torch.library.opcheck(tk.halt_pack, args, test_utils=("test_schema", "test_autograd_registration"))
+    real = tk.halt_pack(*args)
+    with FakeTensorMode(shape_env=ShapeEnv()) as mode:
+        fake = tk.halt_pack(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
+    for f, r in zip(fake, real):
+        assert f.dtype == r.dtype and f.dim() == r.dim()
+    assert isinstance(fake[0].shape[1], torch.SymInt) and tuple(fake[4].shape) == (2, 5, 3)

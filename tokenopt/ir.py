@@ -243,7 +243,7 @@ class Halt:
     accumulate per token; a token whose cumulative score passes ``1 - eps`` halts: it adds its remainder
     times its state to its output and leaves (packed) or is masked out (masked); a running token adds
     ``score`` times its state. ``last``: every running token halts here (its score counts as 1). The head
-    reads the accumulated outputs. Realised by ``tokenopt::act_step``."""
+    reads the accumulated outputs. Realised by ``tokenopt::act_step`` (masked) or ``tokenopt::halt_pack`` (packed)."""
 
     score: fx.Node
     eps: float = 0.01

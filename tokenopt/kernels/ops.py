@@ -14,7 +14,7 @@ runs on CPU and CUDA) behind a custom-op boundary, with
 On a GPU the fusion pass (:mod:`tokenopt.passes.fuse_kernels`) swaps chains of these ops for the Triton
 ops of :mod:`tokenopt.kernels.fused`. A graph holds one node per op, so a forward dispatches one op
 per token step (not the dozen ATen calls of its reference) and its host syncs are only those an op
-documents: ``pack_index`` reads one count back; no other op reads anything back.
+documents: ``pack_index`` and ``halt_pack`` read one count back; no other op reads anything back.
 
 Example:
     >>> import torch, tokenopt.kernels.ops  # registers torch.ops.tokenopt.*
@@ -42,10 +42,10 @@ REFERENCES: dict[str, Callable] = {}
 #: ops with autograd (the tensor arguments gradients flow to)
 DIFFERENTIABLE: dict[str, tuple[int, ...]] = {}
 #: host reads per call, by design (every op not listed reads nothing back)
-SYNCS = {"pack_index": 1}
+SYNCS = {"pack_index": 1, "halt_pack": 1}
 #: ops on packed tokens (sizes that depend on values) and ATS's selection (which may read them): no ATen
 #: decomposition is registered for them, so fake-tensor propagation keeps using their fake implementations
-PACKED = {"active_keep", "flat_map", "pack_index", "gather_rows", "unpack", "packed_cls_attention", "varlen_attention", "packed_select",
+PACKED = {"active_keep", "halt_pack", "flat_map", "pack_index", "gather_rows", "unpack", "packed_cls_attention", "varlen_attention", "packed_select",
           "packed_mean", "ats_select"}
 
 
@@ -472,6 +472,27 @@ def halt_bias(active: Tensor, dtype: torch.dtype) -> Tensor:
 @halt_bias.register_fake
 def _(active, dtype):
     return active.new_empty(active.shape[0], 1, 1, active.shape[1], dtype=dtype)
+
+
+@_op("halt_pack", ref.halt_pack)
+def halt_pack(y: Tensor, h: Tensor, cum: Optional[Tensor], rem: Optional[Tensor], rho: Optional[Tensor],
+              grid: Optional[Tensor], home: Optional[Tensor], cu: Optional[Tensor], eps: float, last: bool, n0: int
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Adaptive halting on packed tokens (inference) = ``reference.halt_pack`` (one host read unless ``last``)."""
+    return ref.halt_pack(y, h, cum, rem, rho, grid, home, cu, eps, last, n0)
+
+
+@halt_pack.register_fake
+def _(y, h, cum, rem, rho, grid, home, cu, eps, last, n0):
+    b = y.shape[0] if cu is None else cu.shape[0] - 1
+    if last:
+        t = longest = 0
+    else:
+        ctx = get_ctx()
+        t, longest = ctx.new_dynamic_size(), ctx.new_dynamic_size()
+    return (y.new_empty(1, t, y.shape[-1]), h.new_empty(1, t), h.new_empty(1, t), h.new_empty(1, t),
+            y.new_empty(b, n0, y.shape[-1]), y.new_empty(t, dtype=torch.long), y.new_empty(b + 1, dtype=torch.long),
+            y.new_empty(longest, dtype=torch.int8), torch.empty_like(h, dtype=torch.bool))
 
 
 @_op("active_keep", ref.active_keep)

@@ -231,7 +231,7 @@ class RealizeTokens:
             state.pos = _Inserter(gm, first.next, 0, "")(tk.token_positions.default, first, info.num_tokens,
                                                         role="tokens.pos")
         halting = any(d.site == "post_block" for d in plan)
-        if halting and self.mode == "packed" or self.dense and plan:
+        if self.dense and plan:
             if self.mode == "packed" and not halting:
                 raise RewriteError("dense=True restores the token grid from padded or masked tokens; packed tokens "
                                    "have no per-image rows to restore: use mode='padded'")
@@ -421,6 +421,8 @@ class RealizeTokens:
             raise RewriteError(f"block {blk.index}: {d.policy} halts tokens, which is not combined with merged "
                                "tokens or with rotary / relative-position tables yet; use it alone on a plain ViT")
         h = state.halt or {}
+        if self.mode == "packed":
+            return self._halt_packed(ins, info, blk, state, d, decision, x, users)
         active_in = None if state.packed else state.valid
         step = ins(tk.act_step.default, x, decision.score, h.get("cum"), h.get("rem"), h.get("rho"), h.get("acc"),
                    active_in, decision.eps, decision.last, role="halt.step")
@@ -436,26 +438,38 @@ class RealizeTokens:
                 u.replace_input_with(x, grid)
             state.grid = grid
             return 1
-        if self.mode != "packed":  # masked (and padded: a static capacity cannot shrink): mask them out
-            for u in users:
-                u.replace_input_with(x, x_next)
-            state.valid = active
-            state.active = None
-            state.bias = ins(tk.halt_bias.default, active, self.dtype, role="tokens.bias")
-            return 1
-        idx, valid = ins.items(ins(tk.active_keep.default, active, state.cu, state.cap if state.packed else state.length), 2,
-                               roles=("tokens.idx", "tokens.valid"))
-        width = state.length
-        state.dense = ins(tk.dense_restore.default, acc, state.home, state.dense, role="tokens.dense")
-        flat, _cu = self._pack(ins, Keep(idx, width, valid), state, d)
-        state.home = ins(tk.follow_rows.default, state.home, ins(tk.flat_map.default, flat, x_next), role="tokens.home")
-        new_x = ins(tk.gather_rows.default, x_next, flat)
-        scalars = ins(aten.stack.default, [cum, rem, rho], -1)
-        kept = ins(tk.gather_rows.default, scalars, flat)
-        state.halt = dict(zip(("cum", "rem", "rho"), (ins(aten.select.int, kept, -1, i) for i in range(3))),
-                          acc=ins(tk.gather_rows.default, acc, flat))
+        # masked (and padded: a static capacity cannot shrink): mask them out
+        for u in users:
+            u.replace_input_with(x, x_next)
+        state.valid = active
+        state.active = None
+        state.bias = ins(tk.halt_bias.default, active, self.dtype, role="tokens.bias")
+        return 1
+
+    def _halt_packed(self, ins, info, blk, state, d, decision: Halt, x, users) -> int:
+        """Packed halting: one ``halt_pack`` per block adds every running token's ACT term into an output
+        grid ``[B, N0, C]`` (at the token's row there, ``home``) and packs the tokens still running."""
+        h = state.halt or {}
+        if not h and state.changed:
+            raise RewriteError(
+                f"block {blk.index}: {d.policy} halts tokens after an earlier reduction; packed halting starts "
+                "from the model's own tokens. Use mode='padded', or halting alone")
+        step = ins(tk.halt_pack.default, x, decision.score, h.get("cum"), h.get("rem"), h.get("rho"), h.get("grid"),
+                   h.get("home"), state.cu, decision.eps, decision.last, info.num_tokens, role="halt.step")
+        x_next, cum, rem, rho, grid, home, cu, longest, active = ins.items(
+            step, 9, roles=(None, "halt.cum", "halt.rem", "halt.rho", "halt.acc", "tokens.home", "tokens.cu", None,
+                            "halt.active"))
+        self.halting.append({"block": blk.index, "score": decision.score.name, "rho": rho.name,
+                             "active": active.name})
+        new_x = grid if decision.last else x_next  # after the last one, the head reads the accumulated outputs
         for u in users:
             u.replace_input_with(x, new_x)
+        if decision.last:
+            state.grid = grid
+            return 1
+        state.halt = dict(cum=cum, rem=rem, rho=rho, grid=grid, home=home)
+        state.cu, state.cap = cu, ins(aten.sym_size.int, longest, 0)
+        state.active, state.valid, state.bias = None, None, None
         return 1
 
     # -- realising a Keep ----------------------------------------------------------------------------
