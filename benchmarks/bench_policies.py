@@ -32,6 +32,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="deit_small_patch16_224")
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--depth", type=int, default=None, help="fewer blocks than the timm model has (quick checks)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--json", default="out/bench_policies.json")
@@ -50,7 +51,8 @@ def main(argv=None) -> None:
 
         model = dinov2_small()
     else:
-        model = timm.create_model(args.model, pretrained=False).eval()
+        model = timm.create_model(args.model, pretrained=False,
+                                  **({"depth": args.depth} if args.depth else {})).eval()
     from tokenopt.capture import default_example_inputs
 
     shape = default_example_inputs(model)[0].shape[1:]

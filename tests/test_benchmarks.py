@@ -17,14 +17,14 @@ def _load(name):
 
 def test_bench_policies_runs_and_writes_json(tmp_path):
     out = tmp_path / "b.json"
-    _load("bench_policies").main(["--model", "deit_tiny_patch16_224", "--batch", "2", "--rounds", "1",
+    _load("bench_policies").main(["--model", "deit_tiny_patch16_224", "--depth", "6", "--batch", "2", "--rounds", "1",
                                   "--policies", "ats", "ats:padded", "tome", "--json", str(out)])
     data = json.loads(out.read_text())
     names = [r["name"] for r in data["results"]]
     assert names == ["eager", "graph, no reduction", "ats", "ats:padded", "tome"]
     by = {r["name"]: r for r in data["results"]}
     assert by["graph, no reduction"]["flops_ratio"] == 1.0
-    assert by["tome"]["flops_ratio"] < 0.7 and by["ats"]["mean_tokens"] < 197
+    assert by["tome"]["flops_ratio"] < 0.85 and by["ats"]["mean_tokens"] < 197  # (6 blocks: ToMe r=13 merges 78 tokens)
 
 
 def test_bench_varlen_attention_checks_every_implementation(capsys):

@@ -71,3 +71,16 @@ def test_import_tokenopt_loads_neither_triton_nor_cuda():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_default_example_follows_a_non_default_image_size_and_channel_count():
+    import timm
+
+    from tokenopt.capture import default_example_inputs
+
+    model = timm.create_model("vit_tiny_patch16_224", depth=1, img_size=28, patch_size=2, in_chans=1, num_classes=3).eval()
+    x = default_example_inputs(model)[0]
+    assert tuple(x.shape[1:]) == (1, 28, 28)
+    gm = tokenopt.optimize(model, policy="none")
+    y = torch.randn(2, 1, 28, 28)
+    torch.testing.assert_close(gm(y), model(y))

@@ -59,3 +59,32 @@ def test_two_processes_under_torchrun_match_one(tmp_path):
     a = torch.load(tmp_path / "ddp" / "model.pt", weights_only=True)
     b = torch.load(tmp_path / "one" / "model.pt", weights_only=True)
     assert all(torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4) for k in a)
+
+
+@pytest.mark.parametrize("policy", ["dynamicvit", "sait"])
+def test_learned_policies_train_by_the_same_entry_point(tmp_path, policy):
+    """A few steps of each learned policy through ``tokenopt train`` (distilling from the --init model):
+    its losses logged, its weights written, and the inference graph built from them."""
+    import tokenopt
+    from tokenopt.train import TrainConfig, build_model, parse_args, train
+
+    small = ["--train-images", "128", "--test-images", "64", "--batch", "64", "--depth", "3", "--embed-dim", "32",
+             "--warmup-steps", "1", "--no-progress"]
+    base = parse_args(["--out", str(tmp_path / "base"), "--epochs", "1", *small])
+    train(base, progress=False)
+    sets = {"dynamicvit": ["--set", "blocks=(0,)"], "sait": ["--set", "train_density=0.5"]}[policy]
+    cfg = parse_args(["--out", str(tmp_path / policy), "--epochs", "1", "--policy", policy, "--distill",
+                      "--init", str(tmp_path / "base" / "model.pt"), *sets, *small])
+    train(cfg, progress=False)
+    record = _log(tmp_path / policy)[0]
+    assert record["distill"] > 0 and ("ratio" in record) == (policy == "dynamicvit")
+    has_state = os.path.exists(tmp_path / policy / "policy.pt")
+    assert has_state == (policy == "dynamicvit")
+    model = build_model(TrainConfig(depth=3, embed_dim=32))
+    model.load_state_dict(torch.load(tmp_path / policy / "model.pt", weights_only=True), strict=True)
+    x = torch.randn(3, 1, 28, 28)
+    gm = tokenopt.optimize(model.eval(), policy=policy, example_inputs=(x,), **cfg.policy_options,
+                           policy_state=str(tmp_path / policy / "policy.pt") if has_state else None)
+    counts = tokenopt.token_counts(gm, x)
+    assert counts[1].max() < 197  # fewer tokens from block 1 on
+    assert record["tokens_per_block"][1] < 197

@@ -15,7 +15,7 @@ from tokenopt.ir import BlockInfo, ModelInfo
 from tokenopt.module import OptimizedModule
 from tokenopt.passes import BlockStructureError, NoAttentionError, find_blocks, get_model_info
 from tokenopt.pipeline import PassError, Pipeline, register_pass
-from tokenopt.policies import ATS, AViT, NoReduction, PolicyConfig, ToMe, TopK
+from tokenopt.policies import ATS, AViT, DynamicViT, NoReduction, PolicyConfig, SaiT, ToMe, TopK
 from tokenopt.saving import LoadError, export_onnx, load, save
 from tokenopt.training import TrainingModule, prepare_training
 
@@ -24,5 +24,5 @@ __version__ = "0.1.0"
 __all__ = [
     "optimize", "prepare_training", "TrainingModule", "save", "load", "export_onnx", "LoadError", "OptimizedModule", "capture", "explain", "token_counts", "find_blocks", "get_model_info",
     "CaptureError", "NoAttentionError", "BlockStructureError", "PassError",
-    "BlockInfo", "ModelInfo", "Pipeline", "register_pass", "PolicyConfig", "NoReduction", "ATS", "AViT", "TopK", "ToMe",
+    "BlockInfo", "ModelInfo", "Pipeline", "register_pass", "PolicyConfig", "NoReduction", "ATS", "AViT", "DynamicViT", "SaiT", "TopK", "ToMe",
 ]

@@ -32,6 +32,7 @@ def optimize(
     share_weights: bool = False,
     min_batch: Union[None, int, str] = None,
     dense: bool = False,
+    policy_state: Optional[dict] = None,
     **options: Any,
 ) -> OptimizedModule:
     """Capture ``model``, find its transformer blocks and rewrite the graph to reduce tokens.
@@ -57,6 +58,9 @@ def optimize(
             places, a merged token copied to every position it absorbed, a dropped token as it was when
             dropped), so a head that reads every token (segmentation, dense features) still works.
             Padded or masked execution (the default becomes padded).
+        policy_state: the trained weights of a learned policy's own modules (DynamicViT's predictors):
+            ``TrainingModule.policy_state_dict()``, or the ``policy.pt`` that ``tokenopt train`` writes
+            (a path is loaded).
         **options: fields of the policy's config (``keep_rate=0.7`` for ``"topk"``, ...).
 
     Returns:
@@ -90,7 +94,9 @@ def optimize(
     generic = gm.meta.pop("tokenopt.generic", None)
     resolve_backend(kernels, gm)  # reject a bad value before any rewriting
     build = {"mode": mode, "kernels": kernels, "dense": dense, "keep_original": min_batch is not None}
-    gm, original = _build(gm, config, build)
+    if isinstance(policy_state, (str, bytes)) or hasattr(policy_state, "__fspath__"):
+        policy_state = torch.load(policy_state, map_location="cpu", weights_only=True)
+    gm, original = _build(gm, config, build, policy_state=policy_state)
     out = OptimizedModule.wrap(
         gm, signature=signature_of(model, len(gm.meta["tokenopt.example_inputs"])),
         carried=carried_attributes(model), original=original, generic=generic, own_weights=not share_weights)
@@ -101,14 +107,18 @@ def optimize(
     return out
 
 
-def _build(gm: fx.GraphModule, config: PolicyConfig, build: dict) -> tuple[fx.GraphModule, Optional[fx.GraphModule]]:
+def _build(gm: fx.GraphModule, config: PolicyConfig, build: dict, policy_state: Optional[dict] = None
+           ) -> tuple[fx.GraphModule, Optional[fx.GraphModule]]:
     """Run the pipeline on a captured graph: returns the reduced graph and, when asked for, the captured
     (unreduced) graph beside it. Also what an OptimizedModule calls for an image size it has not seen."""
     examples = gm.meta["tokenopt.example_inputs"]
     original = fx.GraphModule(gm, _copy_graph(gm.graph)) if build.get("keep_original") else None
     passes = [find_blocks, *config.passes()]
     if len(passes) > 2:
-        passes.append(RealizeTokens(build["mode"], dense=build["dense"]))
+        passes.append(RealizeTokens(build["mode"], dense=build["dense"], training=build.get("training", False),
+                                    policy_state=policy_state))
+    elif policy_state:
+        raise ValueError(f"policy_state is for a learned policy's modules; {config!r} has none")
     passes.append(FuseKernels(build["kernels"]))
     pipeline = Pipeline(passes, policy=config.name, on_start=_record_baseline)
     try:

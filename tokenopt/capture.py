@@ -47,6 +47,7 @@ def default_example_inputs(model: torch.nn.Module, batch: int = 2) -> tuple[torc
         img_size = getattr(patch_embed, "img_size", None)
         if isinstance(img_size, (tuple, list)) and len(img_size) == 2:
             h, w = img_size
+        c = getattr(getattr(patch_embed, "proj", None), "in_channels", c)  # (and a non-default in_chans)
         return (torch.randn(batch, c, h, w, device=device, dtype=dtype),)
     hf_cfg = getattr(model, "config", None)
     if hf_cfg is not None and hasattr(hf_cfg, "image_size"):

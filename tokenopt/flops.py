@@ -60,16 +60,40 @@ def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, 
     return 4 * b * h * nq * key_shape[-2] * d
 
 
+def _varlen_attention_flops(q, k, v, cu_q, cu_k, *args, out_val=None, **kwargs) -> int:
+    """Packed attention: each image's queries against its own keys, from the offsets (raw tensors)."""
+    lq = (cu_q[1:] - cu_q[:-1]).double()
+    lk = (cu_k[1:] - cu_k[:-1]).double() if cu_k is not None else torch.full_like(lq, k.shape[-2])
+    return int(4 * q.shape[1] * q.shape[-1] * float((lq * lk).sum()))
+
+
+_varlen_attention_flops._get_raw = True  # (FlopCounterMode hands it the tensors, not their shapes)
+
+
+def _policy_attention_flops(q_shape, k_shape, *args, out_shape=None, **kwargs) -> int:
+    return 4 * math.prod(q_shape[:-1]) * k_shape[-2] * q_shape[-1]
+
+
+def _cls_attention_flops(q_shape, k_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * math.prod(k_shape[:-1]) * k_shape[-1]  # the CLS query against every key
+
+
 def count_flops(fn, *args, **kwargs) -> int:
     """FLOPs of one call ``fn(*args, **kwargs)``, counted op by op as it runs (so per-image token
     counts and the inserted token ops are included). Uses ``torch.utils.flop_counter``, taught the
-    CPU flash-attention op it does not know."""
+    CPU flash-attention op it does not know and tokenopt's attention ops (whose inner calls it does not
+    see): packed attention counted image by image from its offsets."""
     from torch.utils.flop_counter import FlopCounterMode
 
     mapping = {}
     cpu_sdpa = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if cpu_sdpa is not None:
         mapping[cpu_sdpa] = _sdpa_cpu_flops
+    import tokenopt.kernels.ops  # noqa: F401  (the token ops: a custom op's inner calls are not seen)
+
+    mapping[torch.ops.tokenopt.varlen_attention] = _varlen_attention_flops  # (keyed by overload packet)
+    mapping[torch.ops.tokenopt.policy_attention] = _policy_attention_flops
+    mapping[torch.ops.tokenopt.cls_attention] = _cls_attention_flops
     with FlopCounterMode(display=False, custom_mapping=mapping) as counter, torch.no_grad():
         fn(*args, **kwargs)
     return counter.get_total_flops()

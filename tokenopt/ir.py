@@ -202,7 +202,8 @@ def stamp(node: fx.Node, **provenance: Any) -> fx.Node:
 # A policy pass only decides; tokenopt.passes.realize executes. A decision is a small record of graph
 # nodes (inserted by the policy) in one of these forms, for one block and one site of that block:
 #   site "attn":      inside attention: only the chosen tokens go on as queries (ATS);
-#   site "post_attn": after the attention residual, before the MLP (top-k, EViT, ToMe).
+#   site "post_attn": after the attention residual, before the MLP (top-k, EViT, ToMe);
+#   site "post_block": on the block's output, before the next block (A-ViT halting, DynamicViT).
 
 META_PLAN = "tokenopt.plan"  # gm.meta key: list[PlannedDecision], filled by the policy passes
 SITES = ("attn", "post_attn", "post_block")
@@ -248,6 +249,17 @@ class Halt:
     score: fx.Node
     eps: float = 0.01
     last: bool = False
+
+
+@dataclass
+class Mask:
+    """The training form of a learned Keep (DynamicViT): ``keep`` ``[B, L]`` in [0, 1] (1 for prefix
+    tokens; a hard 0/1 sample with a straight-through gradient) weighs every current token as a key in
+    each later attention, where every query still sees itself (DynamicViT's ``softmax_with_policy``).
+    Nothing moves: realised in the masked form only (``tokenopt::policy_attention``); the same policy's
+    inference graph returns a :class:`Keep`."""
+
+    keep: fx.Node
 
 
 @dataclass

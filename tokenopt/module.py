@@ -124,10 +124,47 @@ class OptimizedModule(fx.GraphModule):
         try:
             return super().__getattr__(name)
         except AttributeError:
+            knobs = (self.__dict__.get("meta") or {}).get("tokenopt.knobs") or {}
+            if name in knobs:
+                return float(self.get_buffer(knobs[name]))
             carried = self.__dict__.get("_tokenopt_carried", {})
             if name in carried:
                 return carried[name]
             raise
+
+    # -- run-time knobs and learned policies' weights ----------------------------------------------------
+    def __setattr__(self, name: str, value: Any) -> None:
+        knobs = (self.__dict__.get("meta") or {}).get("tokenopt.knobs") or {}
+        if name in knobs:
+            self.set_knob(name, value)
+        else:
+            super().__setattr__(name, value)
+
+    @property
+    def knobs(self) -> dict[str, float]:
+        """The graph's run-time knobs and their values (SaiT: ``density``); set one as an attribute."""
+        return {name: float(self.get_buffer(attr)) for name, attr in (self.meta.get("tokenopt.knobs") or {}).items()}
+
+    def set_knob(self, name: str, value: float) -> None:
+        """Set run-time knob ``name`` (``gm.density = 0.8`` does the same); no rebuild."""
+        knobs = self.meta.get("tokenopt.knobs") or {}
+        if name not in knobs:
+            raise AttributeError(f"this graph has no knob {name!r}; its knobs: {', '.join(knobs) or 'none'}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+            raise ValueError(f"{name} must be a number in (0, 1] (a share; 1.0 = dense); got {value!r}")
+        with torch.no_grad():
+            for g in (self, *self.__dict__.get("_variants", {}).values()):
+                g.get_buffer(knobs[name]).fill_(float(value))
+
+    def policy_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights of the learned policy's own modules (``tokenopt_<policy>.*``), for ``optimize(...,
+        policy_state=...)``; empty for policies without any."""
+        return {k: v for k, v in self.state_dict().items() if k.startswith("tokenopt_") and not k.startswith("tokenopt_knob_")}
+
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's own weights (the policy's modules and knobs left out): loads into the original
+        architecture with ``strict=True``."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("tokenopt_")}
 
     @property
     def original_graph(self) -> Optional[fx.GraphModule]:
@@ -226,7 +263,8 @@ class OptimizedModule(fx.GraphModule):
             sample = (torch.randn(2, *x.shape[1:], dtype=ex.dtype, device=self.device), *examples[1:])
             captured = capture(generic, sample, dynamic_size=False)
             captured.meta.pop("tokenopt.generic", None)
-            gm, original = _build(captured, self.meta["tokenopt.policy"], self.meta["tokenopt.build"])
+            gm, original = _build(captured, self.meta["tokenopt.policy"], self.meta["tokenopt.build"],
+                                  policy_state=self.policy_state_dict() or None)
             variant = OptimizedModule.wrap(gm, signature=self.__dict__.get("_tokenopt_signature"),
                                            carried=self.__dict__.get("_tokenopt_carried"), original=original,
                                            own_weights=False, class_name=self.__class__.__name__)

@@ -10,7 +10,11 @@ its equal share of it, so the logged loss (averaged over processes) equals one p
 batch. Rank 0 shows a progress display, writes ``log.json`` (per epoch: losses, test accuracy, tokens
 per block, time) and a checkpoint after each epoch (``checkpoint.pt``: weights, optimizer, scheduler,
 RNG states, the log) from which ``--resume`` continues exactly; ``model.pt`` holds the weights of the
-original architecture (an ordinary state dict). The model: a timm ViT at 28x28, patch 2 (196 patch
+original architecture (an ordinary state dict) and ``policy.pt`` a learned policy's own weights
+(DynamicViT's predictors: ``optimize(model, policy, policy_state="policy.pt")``). Policies: ``none``,
+``avit``, ``dynamicvit`` and ``sait`` (alternating dense and sparse steps: density 1 on even steps,
+``train_density`` on odd ones); ``--distill`` adds a KL term to the ``--init`` model's predictions
+(weight: the policy's ``distill_weight``, else 0.5). The model: a timm ViT at 28x28, patch 2 (196 patch
 tokens + CLS), one input channel, no dropout (so runs are deterministic and comparable).
 """
 
@@ -37,7 +41,7 @@ MEAN, STD = 0.2860, 0.3530  # Fashion-MNIST pixel statistics (train split)
 @dataclasses.dataclass
 class TrainConfig:
     out: str = "out/fmnist_vit"
-    policy: str = "none"  # "none" or "avit"
+    policy: str = "none"  # "none", "avit", "dynamicvit" or "sait"
     policy_options: dict = dataclasses.field(default_factory=dict)
     init: Optional[str] = None  # a model.pt to start from (fine-tuning)
     epochs: int = 6
@@ -55,6 +59,7 @@ class TrainConfig:
     resume: bool = False
     stop_after_epoch: Optional[int] = None  # (tests: stop early, as if interrupted)
     no_progress: bool = False  # no progress display
+    distill: bool = False  # distil from the --init model (its logits, KL)
 
 
 def build_model(cfg: TrainConfig) -> torch.nn.Module:
@@ -114,7 +119,17 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     train_x, train_y = _data("train", cfg.train_images)
     test_x, test_y = _data("test", cfg.test_images)
     example = (train_x[:2],)
+    teacher = None
+    if cfg.distill:
+        if not cfg.init:
+            raise ValueError("--distill learns from the --init model; give --init a model.pt")
+        teacher = build_model(cfg)
+        teacher.load_state_dict(torch.load(cfg.init, map_location="cpu", weights_only=True))
+        teacher.eval().requires_grad_(False)
     net = tokenopt.prepare_training(model, policy=cfg.policy, example_inputs=example, **cfg.policy_options)
+    policy = net.meta["tokenopt.policy"]
+    distill_weight = getattr(policy, "distill_weight", 0.5)
+    knobs = net.knobs  # (SaiT: density, the value it runs at; training alternates it)
     steps_per_epoch = len(train_y) // cfg.batch
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, steps_per_epoch * cfg.epochs))
@@ -137,33 +152,42 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     for epoch in range(start_epoch, cfg.epochs):
         started = time.time()
         order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
-        sums = {"loss": 0.0, "task": 0.0, "ponder": 0.0, "prior": 0.0}
+        sums: dict[str, float] = {}
         display.start(f"epoch {epoch + 1}/{cfg.epochs}")
         for step in range(steps_per_epoch):
             idx = order[step * cfg.batch:(step + 1) * cfg.batch][rank * shard:(rank + 1) * shard]
+            if "density" in knobs:  # SaiT: dense and sparse steps alternate
+                net.density = 1.0 if step % 2 == 0 else policy.train_density
             logits = ddp(train_x[idx])
             task = F.cross_entropy(logits, train_y[idx])
-            aux = net.aux_losses()
+            aux = dict(net.aux_losses())
+            if teacher is not None:
+                with torch.no_grad():
+                    target = F.log_softmax(teacher(train_x[idx]), dim=-1)
+                aux["distill"] = distill_weight * F.kl_div(F.log_softmax(logits, dim=-1), target,
+                                                           reduction="batchmean", log_target=True)
             loss = task + sum(aux.values(), torch.zeros(()))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            values = torch.stack([loss.detach(), task.detach(), *(aux.get(k, torch.zeros(())).detach()
-                                                                   for k in ("ponder", "prior"))])
+            names = ["loss", "task", *sorted(aux)]  # (the same on every process: the policy's losses)
+            values = torch.stack([loss.detach(), task.detach(), *(aux[k].detach() for k in sorted(aux))])
             if world > 1:
                 dist.all_reduce(values)
                 values /= world
-            for k, v in zip(sums, values.tolist()):
-                sums[k] += v
+            for k, v in zip(names, values.tolist()):
+                sums[k] = sums.get(k, 0.0) + v
             display.advance(f"loss {values[0].item():.4f}")
         display.stop()
         record = {"epoch": epoch + 1, **{k: v / steps_per_epoch for k, v in sums.items()},
                   "lr": sched.get_last_lr()[0], "seconds": round(time.time() - started, 1)}
         if rank == 0:
+            for name, value in knobs.items():  # evaluate at the configured knob values
+                setattr(net, name, value)
             record["test_accuracy"] = evaluate(net, test_x, test_y)
             net.eval()
-            counts = tokenopt.token_counts(net, test_x[:500])  # tokens running after each block
+            counts = tokenopt.token_counts(net.eval_graph, test_x[:500])  # tokens after each block
             net.train()
             record["tokens_per_block"] = [round(c.float().mean().item(), 2) for c in counts.values()]
             log.append(record)
@@ -184,7 +208,10 @@ def _save(cfg: TrainConfig, net, opt, sched, epoch: int, log: list) -> None:
     state = {"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
              "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(), "epoch": epoch, "log": log,
              "config": dataclasses.asdict(cfg)}
-    for name, obj in (("checkpoint.pt", state), ("model.pt", net.state_dict())):
+    saved = [("checkpoint.pt", state), ("model.pt", net.model_state_dict())]
+    if net.policy_state_dict():
+        saved.append(("policy.pt", net.policy_state_dict()))
+    for name, obj in saved:
         tmp = os.path.join(cfg.out, f".{name}.{os.getpid()}.tmp")
         torch.save(obj, tmp)
         os.replace(tmp, os.path.join(cfg.out, name))
@@ -238,12 +265,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     ap = argparse.ArgumentParser(prog="tokenopt train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = TrainConfig()
-    helps = {"out": "folder for log.json, checkpoint.pt and model.pt", "policy": "none or avit",
+    helps = {"out": "folder for log.json, checkpoint.pt and model.pt", "policy": "none, avit, dynamicvit or sait",
              "init": "a model.pt to start from (fine-tuning)", "batch": "global batch (split over processes)",
              "train_images": "first N training images", "test_images": "first N test images (accuracy each epoch)",
              "warmup_steps": "linear warm-up, then cosine decay", "seed": "data order and initialisation"}
     for f in dataclasses.fields(TrainConfig):
-        if f.name in ("policy_options", "resume", "stop_after_epoch", "no_progress"):
+        if f.name in ("policy_options", "resume", "stop_after_epoch", "no_progress", "distill"):
             continue
         kind = type(getattr(defaults, f.name)) if getattr(defaults, f.name) is not None else str
         ap.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=getattr(defaults, f.name),
@@ -252,6 +279,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
                     help="a policy option, e.g. --set gamma=10 --set beta=30")
     ap.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--distill", action="store_true", help="distil from the --init model's predictions (KL)")
     args = ap.parse_args(argv)
     for name in ("epochs", "batch", "train_images", "test_images", "depth", "heads", "embed_dim"):
         if getattr(args, name) < 1:

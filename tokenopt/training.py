@@ -30,7 +30,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from tokenopt.capture import capture
-from tokenopt.module import OptimizedModule, carried_attributes, signature_of
+from tokenopt.module import OptimizedModule, _share, carried_attributes, signature_of
 from tokenopt.policies import PolicyConfig, make_config
 
 __all__ = ["prepare_training", "TrainingModule"]
@@ -41,9 +41,22 @@ class TrainingModule(OptimizedModule):
     are kept (``tm.aux``) and :meth:`aux_losses` turns them into the policy's weighted losses."""
 
     def __call__(self, *args, **kwargs):
-        out, aux = super().__call__(*args, **kwargs)
+        eval_graph = self.__dict__.get("_eval_graph")
+        if eval_graph is not None and not self.training:  # the policy decides differently at inference
+            if kwargs:
+                args = self.bind_inputs(args, kwargs)
+            self.check_inputs(args)
+            out, aux = eval_graph(*args)
+        else:
+            out, aux = super().__call__(*args, **kwargs)
         self.__dict__["aux"] = aux
         return out
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.__dict__.get("_eval_graph") is not None:
+            self.__dict__["_eval_graph"]._apply(fn, recurse)
+        return self
 
     def aux_losses(self) -> dict[str, torch.Tensor]:
         """The policy's auxiliary losses of the last call, each already weighted by its config."""
@@ -51,6 +64,12 @@ class TrainingModule(OptimizedModule):
         if aux is None:
             raise RuntimeError("call the training module on a batch first; its losses come from that call")
         return self.meta["tokenopt.policy"].training_losses(aux)
+
+    @property
+    def eval_graph(self) -> fx.GraphModule:
+        """The graph ``eval()`` runs: the inference decisions, masked (this module's own graph when the
+        policy decides the same way in training and inference)."""
+        return self.__dict__.get("_eval_graph") or self
 
     def halting_scores(self) -> list[torch.Tensor]:
         """A-ViT: the halting score of every token at every halting block of the last call."""
@@ -77,6 +96,8 @@ def prepare_training(
     model: torch.nn.Module,
     policy: Union[str, PolicyConfig] = "avit",
     example_inputs: Optional[Sequence[Any]] = None,
+    *,
+    policy_state: Optional[dict] = None,
     **options: Any,
 ) -> TrainingModule:
     """Capture ``model`` in training form with ``policy`` realised masked (differentiable).
@@ -85,6 +106,8 @@ def prepare_training(
         model: the ViT; it is not modified (the training module has its own copy of the weights).
         policy: a policy alias or config (``"avit"``, ``tokenopt.AViT(gamma=..., ...)``, ...).
         example_inputs: one call's inputs (default: a random batch of the model's input size).
+        policy_state: weights for a learned policy's modules to start from (default: their seeded
+            initialisation).
         **options: fields of the policy's config.
 
     Returns:
@@ -94,14 +117,36 @@ def prepare_training(
     from tokenopt.api import _build  # (api imports this module's neighbours; avoid a cycle)
 
     config = make_config(policy, **options)
+    if isinstance(policy_state, (str, bytes)) or hasattr(policy_state, "__fspath__"):
+        policy_state = torch.load(policy_state, map_location="cpu", weights_only=True)
     gm = capture(model, example_inputs, train=True, dynamic_size=False)
     gm.meta.pop("tokenopt.generic", None)
-    gm, _ = _build(gm, config, {"mode": "masked", "kernels": "reference", "dense": False, "keep_original": False})
-    halting = gm.meta.get("tokenopt.halting", [])
-    by_name = {n.name: n for n in gm.graph.nodes}
-    extra = {"scores": [by_name[h["score"]] for h in halting], "rho": by_name[halting[-1]["rho"]]} if halting else {}
-    _append_outputs(gm, extra)
+    build = {"mode": "masked", "kernels": "reference", "dense": False, "keep_original": False, "training": True}
+    gm, _ = _build(gm, config, build, policy_state=policy_state)
+    _append_outputs(gm, _aux_nodes(gm))
     tm = TrainingModule.wrap(gm, signature=signature_of(model, len(gm.meta["tokenopt.example_inputs"])),
                              carried=carried_attributes(model), own_weights=True)
+    if any(p.decides_differently_in_training for p in config.policies()):
+        # eval(): the inference decisions, still masked (the graph optimize() emits, with nothing removed)
+        ev = capture(model, example_inputs, dynamic_size=False)
+        ev.meta.pop("tokenopt.generic", None)
+        ev, _ = _build(ev, config, dict(build, training=False), policy_state=tm.policy_state_dict() or None)
+        _append_outputs(ev, _aux_nodes(ev))
+        meta = ev.meta
+        ev = fx.GraphModule(ev, ev.graph)
+        ev.meta = meta
+        _share(ev, tm)
+        tm.__dict__["_eval_graph"] = ev
     tm.train()
     return tm
+
+
+def _aux_nodes(gm: fx.GraphModule) -> dict[str, Any]:
+    """What the policy's losses read, as graph nodes: A-ViT's halting scores and ponder counts, and
+    whatever a policy recorded with ``DecisionContext.aux`` (DynamicViT: each stage's keep mask)."""
+    by_name = {n.name: n for n in gm.graph.nodes}
+    halting = gm.meta.get("tokenopt.halting", [])
+    extra: dict[str, Any] = {"scores": [by_name[h["score"]] for h in halting], "rho": by_name[halting[-1]["rho"]]} if halting else {}
+    for key, names in (gm.meta.get("tokenopt.aux") or {}).items():
+        extra[key] = [by_name[n] for n in names]
+    return extra

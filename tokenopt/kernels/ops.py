@@ -591,3 +591,42 @@ def _register_decompositions() -> None:
 
 
 _register_decompositions()
+
+
+# --- learned token decisions -----------------------------------------------------------------------
+
+
+@_op("gumbel_keep", ref.gumbel_keep, grads=(0,))
+def gumbel_keep(logp: Tensor, gumbel: Tensor) -> Tensor:
+    """DynamicViT's hard Gumbel-softmax keep mask (straight-through) = ``reference.gumbel_keep``."""
+    return ref.gumbel_keep(logp, gumbel)
+
+
+@gumbel_keep.register_fake
+def _(logp, gumbel):
+    return logp.new_empty(logp.shape[:-1])
+
+
+@_op("policy_attention", ref.policy_attention, grads=(0, 1, 2, 3))
+def policy_attention(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, scale: float) -> Tensor:
+    """Attention with a soft key mask (DynamicViT training) = ``reference.policy_attention``."""
+    return ref.policy_attention(q, k, v, keep, scale)
+
+
+@policy_attention.register_fake
+def _(q, k, v, keep, scale):
+    return q.new_empty(q.shape[:-1] + (v.shape[-1],))
+
+
+@_op("mass_select", ref.mass_select)
+def mass_select(cls_attn: Tensor, density: Tensor, num_prefix: int, valid: Optional[Tensor], width: int
+                ) -> tuple[Tensor, Tensor]:
+    """Per-image tokens carrying a share of the CLS-attention mass (SaiT) = ``reference.mass_select``."""
+    return ref.mass_select(cls_attn, density, num_prefix, valid, width)
+
+
+@mass_select.register_fake
+def _(cls_attn, density, num_prefix, valid, width):
+    b = cls_attn.shape[0]
+    return (cls_attn.new_empty(b, num_prefix + width, dtype=torch.long),
+            cls_attn.new_empty(b, num_prefix + width, dtype=torch.bool))

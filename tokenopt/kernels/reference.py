@@ -923,3 +923,68 @@ def tome_representatives(slot: torch.Tensor, num_prefix: int, active: Optional[i
     b_first = slot[:, num_prefix + 1:active:2].amin(dim=1, keepdim=True)
     merged_a = a_tokens & (slot >= b_first)
     return (slot >= 0) & ~merged_a
+
+
+# --- learned token decisions (DynamicViT, SaiT) ----------------------------------------------------
+
+
+def gumbel_keep(logp: torch.Tensor, gumbel: torch.Tensor) -> torch.Tensor:
+    """DynamicViT's training-time keep decision: hard Gumbel-softmax (tau 1) over the predictor's two
+    log-probabilities ``logp`` ``[B, N, 2]`` (keep, drop) with the Gumbel noise ``gumbel`` given, so the
+    result is a function of its inputs. Returns ``[B, N]``: 1.0 where "keep" wins, else 0.0, with the
+    straight-through gradient of the soft sample (``hard - soft.detach() + soft``)."""
+    soft = (logp + gumbel).softmax(dim=-1)
+    hard = torch.nn.functional.one_hot(soft.argmax(dim=-1), 2).to(soft.dtype)
+    return (hard - soft.detach() + soft)[..., 0]
+
+
+def policy_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, scale: float,
+                     eps: float = 1e-6) -> torch.Tensor:
+    """Attention with DynamicViT's soft token mask (training form): ``keep`` ``[B, N]`` in [0, 1] weighs
+    every key, except that each query always sees itself; weights renormalised with ``eps``:
+    ``a = exp(l - max l) * m``, ``a = (a + eps / N) / (sum a + eps)`` with ``m[i, j] = keep[j]`` off the
+    diagonal and 1 on it (``softmax_with_policy`` of the authors' code, in float32).
+
+    Computed without the ``[N, N]`` mask: ``a = E * keep[j] + [i = j] * E[i, i] * (1 - keep[i])`` with
+    ``E = exp(l - max l)``, so the diagonal term is a per-query vector (``E[i, i]`` from ``q_i . k_i``)
+    and ``a @ v`` is ``(E * keep) @ v + d * v + eps / N * sum(v)``: the same values in half the
+    full-size passes (this op's backward recomputes it)."""
+    n = k.shape[-2]
+    qf, kf, vf = q.float(), k.float(), v.float()
+    logits = torch.matmul(qf, kf.transpose(-1, -2)) * scale
+    top = logits.detach().amax(dim=-1, keepdim=True)  # (a shift for range only: its gradient is O(eps))
+    m = keep.float()[:, None, None, :]
+    e = (logits - top).exp() * m  # [B, H, N, N]
+    own = ((qf * kf).sum(-1, keepdim=True) * scale - top).exp() * (1.0 - m.transpose(-1, -2))  # [B, H, N, 1]
+    num = torch.matmul(e, vf) + own * vf + (eps / n) * vf.sum(dim=-2, keepdim=True)
+    den = e.sum(dim=-1, keepdim=True) + own + eps
+    return (num / den).to(v.dtype)
+
+
+def mass_select(cls_attn: torch.Tensor, density: torch.Tensor, num_prefix: int, valid: Optional[torch.Tensor],
+                width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """SaiT-style adaptive pruning: per image, the fewest patch tokens whose head-averaged CLS attention
+    (renormalised over the image's patches) adds up to ``density`` (a 0-d tensor: the share of the
+    mass kept; ``>= 1`` keeps every patch), in original order, after the prefix tokens. Returns
+    ``(idx, valid)`` ``[B, P + width]`` with the kept ones first in each row (``width`` bounds the
+    count: the patch tokens present)."""
+    score = cls_attn.float().mean(dim=1)[:, num_prefix:]
+    b, n = score.shape
+    if valid is not None:
+        score = torch.where(valid[:, num_prefix:], score, 0.0)
+    score = score / score.sum(dim=1, keepdim=True).clamp_min(1e-12)
+    ranked, order = torch.sort(score, dim=1, descending=True, stable=True)
+    before = torch.cumsum(ranked, dim=1) - ranked  # mass of the tokens ranked above each one
+    take = (before < density) | (density >= 1)
+    if valid is not None:
+        take = take & torch.gather(valid[:, num_prefix:], 1, order)
+    take[:, :1] = True  # the highest-ranked patch always stays
+    count = take.sum(dim=1, keepdim=True)
+    # kept tokens back in original order: sort the ranks by (not taken, position)
+    key = torch.where(take, order, n + order)
+    pos = torch.sort(key, dim=1).values
+    pos = torch.where(pos >= n, pos - n, pos)[:, :width] + num_prefix
+    prefix = torch.arange(num_prefix, device=score.device).expand(b, num_prefix)
+    idx = torch.cat([prefix, pos], dim=1)
+    keep = torch.arange(num_prefix + width, device=score.device)[None, :] < count + num_prefix
+    return idx, keep

@@ -34,7 +34,7 @@ stay in the graph so that a run can be followed, as :func:`tokenopt.viz.token_so
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 import torch
@@ -42,7 +42,7 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 import tokenopt.kernels.ops  # noqa: F401  (registers torch.ops.tokenopt.*)
-from tokenopt.ir import META_PLAN, META_ROLE, SITES, BlockInfo, Halt, Keep, Merge, ModelInfo, PlannedDecision, stamp
+from tokenopt.ir import META_PLAN, META_ROLE, SITES, BlockInfo, Halt, Keep, Mask, Merge, ModelInfo, PlannedDecision, stamp
 from tokenopt.passes import patterns as P
 from tokenopt.passes.find_blocks import get_model_info
 
@@ -76,6 +76,7 @@ class TokenState:
     dense: Optional[fx.Node] = None  # [B, N0, C] dropped tokens' last values (dense=True), or halted ones' outputs
     halt: Optional[dict] = None  # adaptive halting: cum, rem, rho, acc per current row (Halt decisions)
     grid: Optional[fx.Node] = None  # the head's [B, N0, C] input once the last Halt is realised
+    soft: Optional[fx.Node] = None  # [B, L] soft key mask of a Mask decision (training form)
     changed: bool = False  # a decision has been realised: the tokens differ from the captured ones
 
     @property
@@ -95,6 +96,14 @@ class _Inserter:
     def __call__(self, target, *args, role: Optional[str] = None, **kwargs) -> fx.Node:
         with self.gm.graph.inserting_before(self.anchor):
             node = self.gm.graph.call_function(target, args, kwargs)
+        stamp(node, block=self.block, policy=self.policy, **{"pass": "realize_tokens"})
+        if role:
+            node.meta[META_ROLE] = role
+        return node
+
+    def module(self, target: str, *args, role: Optional[str] = None) -> fx.Node:
+        with self.gm.graph.inserting_before(self.anchor):
+            node = self.gm.graph.call_module(target, args)
         stamp(node, block=self.block, policy=self.policy, **{"pass": "realize_tokens"})
         if role:
             node.meta[META_ROLE] = role
@@ -193,6 +202,54 @@ class DecisionContext:
                 "before the adaptive one (its blocks= earlier) or use it alone"
             )
 
+    # -- learned policies ----------------------------------------------------------------------------
+    @property
+    def training(self) -> bool:
+        """The graph being built is the training graph (``prepare_training``): decide in training form."""
+        return self._r.training
+
+    @property
+    def width(self) -> int:
+        """Channels of the residual stream."""
+        return int(P.val(self.block.x_in).shape[-1])
+
+    def module(self, name: str, factory) -> str:
+        """The policy's learned module ``name`` in the graph (``gm.tokenopt_<policy>.<name>``): made by
+        ``factory()`` on first use (seeded, so every process makes the same one), weights from the
+        ``policy_state`` given to ``optimize`` / ``prepare_training`` when it has them. Returns its
+        qualified name, for :meth:`call_module`."""
+        return self._r.policy_module(self.gm, self.policy, name, factory, P.val(self.block.x_in))
+
+    def call_module(self, target: str, *args, role: Optional[str] = None) -> fx.Node:
+        return self.call.module(target, *args, role=role)
+
+    def knob(self, name: str, value: float) -> fx.Node:
+        """A run-time knob: a 0-d float buffer of the graph (``gm.<name> = v`` sets it on an
+        OptimizedModule), ``value`` to start with; returns the node reading it."""
+        attr = f"tokenopt_knob_{name}"
+        if not hasattr(self.gm, attr):
+            self.gm.register_buffer(attr, torch.tensor(float(value), device=P.val(self.block.x_in).device))
+            self.gm.meta.setdefault("tokenopt.knobs", {})[name] = attr
+        with self.gm.graph.inserting_before(self.call.anchor):
+            return self.gm.graph.get_attr(attr)
+
+    def token_weights(self) -> Optional[fx.Node]:
+        """``[B, L]`` float: the training mask of a Mask decision, else 1.0 on real tokens (None: every
+        token is real)."""
+        s = self._state
+        if s.soft is not None:
+            return s.soft
+        if s.packed:
+            self.require_dense("token weights")
+        if s.valid is None:
+            return None
+        return self.call(aten._to_copy.default, s.valid, dtype=torch.float32)
+
+    def aux(self, key: str, node: fx.Node) -> None:
+        """Return ``node`` from the training graph beside the model's output, under ``key`` (a list, one
+        entry per call): what the policy's training losses read."""
+        self._r.aux.setdefault(key, []).append(node.name)
+
 
 @dataclass
 class RealizeTokens:
@@ -200,6 +257,8 @@ class RealizeTokens:
 
     mode: str = "padded"
     dense: bool = False  # restore the full [B, N0, C] grid after the last block
+    training: bool = False  # the training graph: policies decide in training form (prepare_training)
+    policy_state: Optional[dict] = field(default=None, repr=False)  # learned policies' weights
     pass_name = "realize_tokens"
     requires = ("model_info", "plan")
     ensures = ("realized",)
@@ -220,6 +279,8 @@ class RealizeTokens:
         state = TokenState(length=info.num_tokens, active=info.num_tokens)
         self.decisions: list[dict] = []
         self.halting: list[dict] = []
+        self.aux: dict[str, list[str]] = {}
+        self._unused_state = set(self.policy_state or {})
         self.dtype = P.val(info.blocks[0].x_in).dtype
         counts: dict[int, Any] = {}
         count_nodes: dict[int, tuple[str, str]] = {}
@@ -265,9 +326,9 @@ class RealizeTokens:
             counts[blk.index] = state.active
             if state.count is not None:
                 count_nodes[blk.index] = ("cu" if state.packed else "valid", state.count.name)
-        if halting and decided and state.grid is None:
+        if self.halting and state.grid is None:
             raise RewriteError("adaptive halting must end at the model's last block (every token halts there); "
-                               f"its last halting block is {max(d.block for d in plan if d.site == 'post_block')}")
+                               f"its last halting block is {max(h['block'] for h in self.halting)}")
         if state.grid is not None:
             pass  # the head already reads the accumulated outputs
         elif decided and self.dense:
@@ -282,21 +343,64 @@ class RealizeTokens:
         keep = {name for _kind, name in count_nodes.values()}
         keep |= {d[k] for d in self.decisions for k in ("idx", "valid", "slot") if d.get(k)}
         keep |= {h[k] for h in self.halting for k in ("score", "rho", "active")}
+        keep |= {name for names in self.aux.values() for name in names}
         gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.name in keep or n.is_impure())
         gm.meta["tokenopt.count_nodes"] = count_nodes
         gm.meta["tokenopt.decisions"] = self.decisions
         gm.meta["tokenopt.halting"] = self.halting
+        gm.meta["tokenopt.aux"] = self.aux
+        if self._unused_state:
+            raise RewriteError(f"policy_state has weights this graph does not use: {', '.join(sorted(self._unused_state)[:4])}"
+                               f"{' ...' if len(self._unused_state) > 4 else ''}; pass the state saved by training the "
+                               "same policy on the same model")
         gm.meta.setdefault("tokenopt.counters", {})[self.pass_name] = {
             "mode": self.mode, "decisions": decided, "tokens": counts,
             "blocks": sorted({d.block for d in plan}),
         }
         return PassResult(gm, decided > 0)
 
+    # -- learned policies' modules -------------------------------------------------------------------
+    def policy_module(self, gm, policy: str, name: str, factory, like: torch.Tensor) -> str:
+        container = f"tokenopt_{policy}"
+        if not hasattr(gm, container):
+            gm.add_submodule(container, torch.nn.Module())
+        holder = gm.get_submodule(container)
+        target = f"{container}.{name}"
+        if not hasattr(holder, name):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)  # the same initial weights in every process (DDP) and every build
+                module = factory()
+            prefix = target + "."
+            given = {k[len(prefix):]: v for k, v in (self.policy_state or {}).items() if k.startswith(prefix)}
+            if given:
+                module.load_state_dict(given, strict=True)
+                self._unused_state -= {prefix + k for k in given}
+            elif not self.training:
+                import warnings
+
+                warnings.warn(f"{policy}: no trained weights for {target} (policy_state=...): it runs with its "
+                              "initial weights; pass the policy_state saved by training", stacklevel=2)
+            holder.add_module(name, module.to(device=like.device))
+        return target
+
     # -- attention over the current tokens -----------------------------------------------------------
     def _attend(self, gm, blk: BlockInfo, state: TokenState, q: Optional[fx.Node] = None,
                 cu_q: Optional[fx.Node] = None, cap_q: Optional[int] = None, policy: str = "",
                 pos_q: Optional[fx.Node] = None) -> None:
         att = blk.attention
+        if state.soft is not None:  # a Mask (training form): DynamicViT's attention with a soft key mask
+            if att.kind != "sdpa" or att.attn_mask is not None or q is not None:
+                raise RewriteError(
+                    f"block {blk.index} ({blk.module_path}): attention {att.core.name} is not a plain SDPA without "
+                    "a model mask, so the training mask cannot be applied to it; train with the mask before this "
+                    "block only (blocks=)")
+            ins = _Inserter(gm, att.core, blk.index, policy)
+            new = ins(tk.policy_attention.default, att.q, att.k, att.v, state.soft, att.scale, role="attn.core")
+            new.meta["val"] = att.core.meta.get("val")
+            att.core.replace_all_uses_with(new)
+            gm.graph.erase_node(att.core)
+            att.core, att.kind = new, "policy"
+            return
         if state.packed or cu_q is not None:
             if att.kind != "sdpa" or att.attn_mask is not None:
                 raise RewriteError(
@@ -341,12 +445,15 @@ class RealizeTokens:
     def _decide(self, gm, info, blk, state, d: PlannedDecision, anchor, x):
         ctx = DecisionContext(self, gm, info, blk, state, d.site, anchor, x, d.policy)
         decision = d.decide(ctx)
-        if decision is not None and not isinstance(decision, (Keep, Merge, Halt)):
-            raise RewriteError(f"{d.policy}: a decision must be tokenopt.ir.Keep, Merge, Halt or None; got "
+        if decision is not None and not isinstance(decision, (Keep, Merge, Halt, Mask)):
+            raise RewriteError(f"{d.policy}: a decision must be tokenopt.ir.Keep, Merge, Halt, Mask or None; got "
                                f"{type(decision).__name__}")
-        if decision is not None and isinstance(decision, Halt) != (d.site == "post_block"):
-            raise RewriteError(f"{d.policy}: Halt decisions are made at the block output (site 'post_block') and "
-                               f"only there; got {type(decision).__name__} at site {d.site!r}")
+        if isinstance(decision, (Halt, Mask)) and d.site != "post_block":
+            raise RewriteError(f"{d.policy}: {type(decision).__name__} decisions are made at the block output (site "
+                               f"'post_block') and only there; got one at site {d.site!r}")
+        if isinstance(decision, Mask) and self.mode != "masked":
+            raise RewriteError(f"{d.policy}: a Mask is the training form of a decision, realised masked only "
+                               f"(prepare_training); this graph is {self.mode!r}")
         if isinstance(decision, Keep):
             self.decisions.append({"block": blk.index, "kind": "keep", "idx": decision.idx.name,
                                    "valid": decision.valid.name if decision.valid is not None else None})
@@ -393,22 +500,25 @@ class RealizeTokens:
         decision, ins = self._decide(gm, info, blk, state, d, anchor, x)
         if decision is None:
             return x, 0
+        new_x = self._reduce(ins, blk, state, d, decision, x)
+        for u in users:  # the block's own readers of x (norm2, the MLP residual) take the new tokens
+            u.replace_input_with(x, new_x)
+        return new_x, 1
+
+    def _reduce(self, ins, blk, state: TokenState, d, decision, x: fx.Node) -> fx.Node:
+        """Realise a Keep or Merge on the residual stream ``x``: returns the new stream."""
         if isinstance(decision, Merge):
-            new_x = self._merge(ins, state, decision, x, d)
-        elif self.mode == "packed" and decision.valid is not None or state.packed:
+            return self._merge(ins, state, decision, x, d)
+        if self.mode == "packed" and decision.valid is not None or state.packed:
             if decision.extra is not None:
                 raise RewriteError(f"block {blk.index}: {d.policy} appends tokens, which packed tokens do not "
                                    "support; use mode='padded'")
             flat, _cu = self._pack(ins, decision, state, d)
-            new_x = ins(tk.gather_rows.default, x, flat)
-        else:
-            idx, valid, width = self._widen(ins, decision, state)
-            self._track_keep(ins, state, x, idx, valid)
-            new_x = ins(tk.gather_tokens.default, x, idx, 1)
-            new_x = self._gather_state(ins, state, idx, valid, width, decision, x=new_x)
-        for u in users:  # the block's own readers of x (norm2, the MLP residual) take the new tokens
-            u.replace_input_with(x, new_x)
-        return new_x, 1
+            return ins(tk.gather_rows.default, x, flat)
+        idx, valid, width = self._widen(ins, decision, state)
+        self._track_keep(ins, state, x, idx, valid)
+        new_x = ins(tk.gather_tokens.default, x, idx, 1)
+        return self._gather_state(ins, state, idx, valid, width, decision, x=new_x)
 
     def _post_block_site(self, gm, info, blk, state, d) -> int:
         """Adaptive halting at the block output: accumulate, then drop (packed) or mask the halted tokens."""
@@ -417,6 +527,20 @@ class RealizeTokens:
         decision, ins = self._decide(gm, info, blk, state, d, x.next, x)
         if decision is None:
             return 0
+        if isinstance(decision, Mask):
+            if state.bias is not None or state.valid is not None or state.packed or state.size is not None:
+                raise RewriteError(f"block {blk.index}: {d.policy}'s training mask follows another reduction in the "
+                                   "same graph, which is not supported; train it alone")
+            state.soft = decision.keep
+            return 1
+        if isinstance(decision, (Keep, Merge)):
+            if blk is info.blocks[-1]:
+                raise RewriteError(f"block {blk.index}: {d.policy} reduces tokens after the last block, where no "
+                                   "block runs on fewer tokens; choose earlier blocks")
+            new_x = self._reduce(ins, blk, state, d, decision, x)
+            for u in users:  # the next block (and anything else reading the block output) takes the new tokens
+                u.replace_input_with(x, new_x)
+            return 1
         if state.size is not None or self.needs_positions:
             raise RewriteError(f"block {blk.index}: {d.policy} halts tokens, which is not combined with merged "
                                "tokens or with rotary / relative-position tables yet; use it alone on a plain ViT")

@@ -4,9 +4,11 @@ from tokenopt.policies.base import (Composite, PlanDecisions, PolicyConfig, avai
                                     register_policy)
 from tokenopt.policies.ats import ATS
 from tokenopt.policies.avit import AViT
+from tokenopt.policies.dynamicvit import DynamicViT
 from tokenopt.policies.none import NoReduction
+from tokenopt.policies.sait import SaiT
 from tokenopt.policies.tome import ToMe
 from tokenopt.policies.topk import TopK
 
 __all__ = ["PolicyConfig", "Composite", "PlanDecisions", "available_policies", "make_config", "register_policy",
-           "NoReduction", "ATS", "AViT", "TopK", "ToMe"]
+           "NoReduction", "ATS", "AViT", "DynamicViT", "SaiT", "TopK", "ToMe"]

@@ -39,6 +39,9 @@ class PolicyConfig:
     version: ClassVar[int] = 1
     site: ClassVar[str] = "post_attn"
     adaptive: ClassVar[bool] = False
+    #: the training graph decides in another form than inference (DynamicViT: Gumbel masks, then top-k);
+    #: ``prepare_training`` then builds the inference decisions too, for ``eval()``
+    decides_differently_in_training: ClassVar[bool] = False
 
     def default_blocks(self, depth: int) -> Sequence[int]:
         return range(depth)

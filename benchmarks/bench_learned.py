@@ -1,0 +1,147 @@
+"""Learned and training-free policies on the small Fashion-MNIST ViT: one table, one run on this machine.
+
+    python benchmarks/bench_learned.py            # after the training runs of the README
+
+Reads the ``tokenopt train`` runs (``--base`` the plain model; ``--avit``, ``--sait``, ``--dynamicvit``
+their fine-tuned models, with ``policy.pt`` where the policy has weights of its own) and builds each
+policy's inference graph; the training-free policies (ATS, ToMe) run on the base model. Per row: test
+accuracy on the Fashion-MNIST test split, mean tokens per block (rows entering each block's MLP, per
+image, averaged over blocks and images), FLOPs per image counted while the graph runs (``FlopCounterMode``,
+so per-image counts count) as a ratio to the base model's, and throughput at ``--batch`` (medians over
+``--rounds`` interleaved runs) as a ratio to the base model's. A run that is missing is skipped, and said.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+import torch.fx as fx
+
+
+def _load(run):
+    from tokenopt.train import TrainConfig, build_model
+
+    with open(os.path.join(run, "log.json")) as f:
+        doc = json.load(f)
+    fields = {k: v for k, v in doc["config"].items() if k in TrainConfig.__dataclass_fields__}
+    cfg = TrainConfig(**fields)
+    model = build_model(cfg)
+    model.load_state_dict(torch.load(os.path.join(run, "model.pt"), map_location="cpu", weights_only=True))
+    policy_pt = os.path.join(run, "policy.pt")
+    return cfg, model.eval(), (policy_pt if os.path.exists(policy_pt) else None)
+
+
+def mlp_tokens(gm: fx.GraphModule, x: torch.Tensor) -> list[float]:
+    """Per block, the token rows entering its MLP, per image (a packed buffer's rows shared out)."""
+    from tokenopt.ir import MODEL_INFO
+
+    fc1 = {b.mlp.linears[0]: b.index for b in gm.meta[MODEL_INFO].blocks}
+    rows: dict[int, float] = {}
+
+    class _Rec(fx.Interpreter):
+        def run_node(self, n):
+            if n in fc1:
+                inp = self.env[n.args[0]]
+                rows[fc1[n]] = inp.numel() / inp.shape[-1] / x.shape[0]
+            return super().run_node(n)
+
+    with torch.no_grad():
+        _Rec(gm).run(x)
+    return [rows[b] for b in sorted(rows)]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", default="out/fmnist_vit")
+    ap.add_argument("--avit", default="out/fmnist_avit")
+    ap.add_argument("--sait", default="out/fmnist_sait")
+    ap.add_argument("--sait-densities", default="0.65,0.8", help="two densities, same weights")
+    ap.add_argument("--dynamicvit", default="out/fmnist_dvit")
+    ap.add_argument("--tome-r", type=int, default=16)
+    ap.add_argument("--ats-max", type=float, default=0.5)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--test-images", type=int, default=10000)
+    ap.add_argument("--json", default="out/bench_learned.json")
+    args = ap.parse_args(argv)
+    import tokenopt
+    from tokenopt.flops import count_flops
+    from tokenopt.train import _data, evaluate
+
+    test_x, test_y = _data("test", args.test_images)
+    example = (test_x[:2],)
+    _, base, _ = _load(args.base)
+    graphs = {"base (no reduction)": tokenopt.optimize(base, policy="none", example_inputs=example)}
+    graphs[f"ATS (max {args.ats_max})"] = tokenopt.optimize(base, policy=tokenopt.ATS(max_tokens=args.ats_max),
+                                                            example_inputs=example)
+    graphs[f"ToMe (r={args.tome_r})"] = tokenopt.optimize(base, policy=tokenopt.ToMe(r=args.tome_r), example_inputs=example)
+    skipped = []
+    for name, run in (("A-ViT", args.avit), ("SaiT", args.sait), ("DynamicViT", args.dynamicvit)):
+        if not os.path.exists(os.path.join(run, "model.pt")):
+            skipped.append(f"{name} ({run}: no model.pt)")
+            continue
+        cfg, model, policy_state = _load(run)
+        policy = tokenopt.policies.make_config(cfg.policy, **cfg.policy_options)
+        gm = tokenopt.optimize(model, policy=policy, example_inputs=example, policy_state=policy_state)
+        if name == "SaiT":  # one graph, its density knob set before each use
+            for d in (float(v) for v in args.sait_densities.split(",")):
+                graphs[f"SaiT (density {d})"] = (gm, {"density": d})
+        else:
+            graphs[name] = gm
+    graphs = {k: v if isinstance(v, tuple) else (v, {}) for k, v in graphs.items()}
+
+    def use(name):
+        gm, knobs = graphs[name]
+        for k, v in knobs.items():
+            setattr(gm, k, v)
+        return gm
+
+    rows = {}
+    x = test_x[:args.batch]
+    base_flops = count_flops(use("base (no reduction)"), x) / len(x)
+    for name in graphs:
+        gm = use(name)
+        tokens = mlp_tokens(gm, test_x[:500])
+        rows[name] = {"accuracy": evaluate(gm, test_x, test_y), "tokens_per_block": tokens,
+                      "mean_tokens": sum(tokens) / len(tokens),
+                      "flops_ratio": count_flops(gm, x) / len(x) / base_flops}
+        print(f"measured {name}", flush=True)
+    times = {k: [] for k in graphs}
+    names = list(graphs)
+    with torch.no_grad():
+        for name in names:
+            use(name)(x)
+        for r in range(args.rounds):
+            for name in (names if r % 2 == 0 else names[::-1]):
+                gm = use(name)  # (setting a knob is a buffer fill: outside the timed call)
+                start = time.perf_counter()
+                gm(x)
+                times[name].append(time.perf_counter() - start)
+    ref = args.batch / statistics.median(times["base (no reduction)"])
+    for name in names:
+        rows[name]["images_per_second"] = args.batch / statistics.median(times[name])
+        rows[name]["throughput_ratio"] = rows[name]["images_per_second"] / ref
+    base_acc = rows["base (no reduction)"]["accuracy"]
+    print(f"Fashion-MNIST test ({len(test_y)} images); throughput at batch {args.batch}, {torch.get_num_threads()} "
+          f"threads, {args.rounds} interleaved rounds (medians)")
+    print(f"| policy | accuracy | drop (points) | tokens/block | FLOPs ratio | img/s | throughput ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['accuracy']:.2%} | {100 * (base_acc - r['accuracy']):.2f} | {r['mean_tokens']:.1f} | "
+              f"{r['flops_ratio']:.2f} | {r['images_per_second']:.0f} | {r['throughput_ratio']:.2f}x |")
+    for s in skipped:
+        print(f"skipped: {s}")
+    if args.json:
+        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows, "batch": args.batch, "skipped": skipped}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,163 @@
+"""DynamicViT (Rao et al., NeurIPS 2021): a learned predictor drops tokens before chosen blocks.
+
+Facts from the authors' code (raoyongming/DynamicViT), as summarised in ``shared/METHODS.md``: before
+each pruning stage a small MLP (the *predictor*) reads every current patch token: a LayerNorm and a
+linear layer with GELU, whose output is split in half, a local half (the token's own) and a global half
+(the mean over the kept tokens); the two halves concatenated go through three linear layers (to C/2,
+C/4 and 2) with GELU between and a log-softmax: "keep" and "drop" log-probabilities. In training a
+hard Gumbel-softmax sample of them, times the previous stage's decision, masks the dropped tokens out of
+every later attention (each token keeps its own diagonal; ``softmax_with_policy``) and a keep-ratio loss
+(MSE of each stage's kept share against ``rho ** stage``) pulls the counts to the target; distillation
+to the unpruned model (``tokenopt train --distill``) keeps the accuracy. At inference each stage keeps
+the ``int(patches * rho ** stage)`` patch tokens the predictor ranks highest: the same count for every
+image, so batches stay dense (tokenopt's padded form).
+
+tokenopt realises the training decision as a :class:`~tokenopt.ir.Mask` (masked form only) and the
+inference decision as a :class:`~tokenopt.ir.Keep`; the predictors are the policy's own parameters
+(``gm.tokenopt_dynamicvit``), trained with the model and passed back with ``policy_state``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from tokenopt.ir import Keep, Mask
+from tokenopt.passes.realize import RewriteError
+from tokenopt.policies._checks import check_blocks
+from tokenopt.policies.base import PolicyConfig, register_policy
+
+__all__ = ["DynamicViT", "Predictor", "dynamicvit_losses"]
+
+aten = torch.ops.aten
+
+
+class Predictor(nn.Module):
+    """The token predictor: ``(x [B, N, C], weights [B, N, 1]) -> log-probabilities [B, N, 2]`` (keep, drop).
+
+    ``weights`` marks the tokens still kept (1) for the global mean; the local half of each token's
+    features is its own."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        if dim < 8:
+            raise ValueError(f"dynamicvit: the predictor needs a token width of at least 8; this model's is {dim}")
+        self.norm = nn.LayerNorm(dim)
+        self.embed = nn.Linear(dim, dim)
+        self.fc1 = nn.Linear(dim, dim // 2)
+        self.fc2 = nn.Linear(dim // 2, dim // 4)
+        self.fc3 = nn.Linear(dim // 4, 2)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        h = nn.functional.gelu(self.embed(self.norm(x)))
+        half = h.shape[-1] // 2
+        own, shared = h[..., :half], h[..., half:]
+        pooled = (shared * weights).sum(dim=1, keepdim=True) / weights.sum(dim=1, keepdim=True).clamp_min(1e-6)
+        h = torch.cat([own, pooled.expand_as(shared)], dim=-1)
+        h = nn.functional.gelu(self.fc1(h))
+        h = nn.functional.gelu(self.fc2(h))
+        return self.fc3(h).log_softmax(dim=-1)
+
+
+@register_policy
+@dataclasses.dataclass(frozen=True)
+class DynamicViT(PolicyConfig):
+    """Learned token pruning with a fixed keep ratio per stage.
+
+    Args:
+        rho: the share of patch tokens kept at each stage, compounding: stage ``s`` (1, 2, ...) keeps
+            ``int(patches * rho ** s)`` of the model's patches (DynamicViT: 0.7).
+        blocks: prune after these blocks (0-based), so the next block runs on fewer tokens; default
+            after blocks ``round(depth * s / 4) - 1`` for s = 1, 2, 3 (DeiT's 12 blocks: after 3, 6 and 9,
+            1-based, i.e. before blocks 4, 7, 10 as in the paper).
+        ratio_weight: weight of the keep-ratio loss (authors' default 2.0), averaged over stages.
+        distill_weight: weight of the distillation losses when training with a teacher (0.5).
+
+    Example:
+        >>> import tokenopt
+        >>> tokenopt.DynamicViT(rho=0.7).default_blocks(12)
+        [2, 5, 8]
+    """
+
+    rho: float = 0.7
+    blocks: Optional[tuple[int, ...]] = None
+    ratio_weight: float = 2.0
+    distill_weight: float = 0.5
+    name = "dynamicvit"
+    site = "post_block"
+    decides_differently_in_training = True
+
+    def __post_init__(self):
+        if isinstance(self.rho, bool) or not isinstance(self.rho, (int, float)) or not 0 < self.rho < 1:
+            raise ValueError(f"dynamicvit: rho must be a float in (0, 1), the share kept per stage; got {self.rho!r}. "
+                             "Example: rho=0.7")
+        for field in ("ratio_weight", "distill_weight"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"dynamicvit: {field} must be a number >= 0; got {value!r}")
+        object.__setattr__(self, "blocks", check_blocks(self.name, self.blocks))
+
+    def default_blocks(self, depth):
+        return sorted({max(0, round(depth * s / 4) - 1) for s in (1, 2, 3)} - {depth - 1})
+
+    def stages(self, depth: int) -> list[int]:
+        chosen = self.blocks if self.blocks is not None else self.default_blocks(depth)
+        return sorted(b if b >= 0 else depth + b for b in chosen)
+
+    def keep_ratios(self, depth: int) -> list[float]:
+        return [self.rho ** (s + 1) for s in range(len(self.stages(depth)))]
+
+    def decide(self, ctx):
+        stages = self.stages(ctx.depth)
+        if ctx.block.index == ctx.depth - 1:
+            raise RewriteError(f"dynamicvit: block {ctx.block.index} is the last block; nothing runs after it on "
+                               "fewer tokens. Choose earlier blocks, e.g. blocks=(2, 5, 8)")
+        ctx.require_dense("a fixed token count")
+        stage = stages.index(ctx.block.index)
+        p = ctx.num_prefix
+        x = ctx.x
+        dim = ctx.width
+        predictor = ctx.module(f"predictor{stage}", lambda: Predictor(dim))
+        patches = ctx.call(aten.slice.Tensor, x, 1, p, None)
+        weights = ctx.token_weights()  # [B, L] float (training mask or validity), None: every token is real
+        if weights is None:
+            ones = ctx.call(aten.ones_like.default, ctx.call(aten.select.int, patches, -1, 0), dtype=torch.float32)
+            w = ctx.call(aten.unsqueeze.default, ones, -1)
+        else:
+            w = ctx.call(aten.unsqueeze.default, ctx.call(aten.slice.Tensor, weights, 1, p, None), -1)
+        logp = ctx.call_module(predictor, patches, w, role="tokens.score")  # [B, P, 2]: keep, drop
+        if ctx.training:
+            noise = ctx.call(aten.exponential.default, ctx.call(aten.empty_like.default, logp))
+            gumbel = ctx.call(aten.neg.default, ctx.call(aten.log.default, noise))
+            hard = ctx.call(torch.ops.tokenopt.gumbel_keep.default, logp, gumbel)
+            keep = ctx.call(aten.mul.Tensor, hard, ctx.call(aten.squeeze.dim, w, -1))  # once dropped, dropped
+            ctx.aux("keep", keep)
+            if p:
+                prefix = ctx.call(aten.ones_like.default, ctx.call(aten.slice.Tensor, ctx.call(aten.select.int, x, -1, 0), 1, 0, p),
+                                  dtype=torch.float32)
+                keep = ctx.call(aten.cat.default, [prefix, keep], 1)
+            return Mask(keep)
+        count = max(1, int(ctx.num_patches * self.rho ** (stage + 1)))
+        if count >= ctx.tokens - p:
+            return None
+        score = ctx.call(aten.select.int, logp, -1, 0)
+        if ctx.valid is not None:  # (masked form: padding never wins)
+            score = ctx.call(aten.where.ScalarOther, ctx.call(aten.slice.Tensor, ctx.valid, 1, p, None), score, -math.inf)
+        idx = ctx.call(torch.ops.tokenopt.topk_select.default, ctx.call(aten.unsqueeze.default, score, 1), count, p,
+                       role="tokens.idx")
+        return Keep(idx, p + count)
+
+    def training_losses(self, aux: dict) -> dict:
+        return dynamicvit_losses(self, list(aux.get("keep", ())))
+
+
+def dynamicvit_losses(config: DynamicViT, keeps: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The keep-ratio loss: ``ratio_weight / stages * sum_s mean_b((mean_j keep_s[b, j] - rho ** s) ** 2)``."""
+    if not keeps:
+        return {}
+    loss = sum(((k.float().mean(dim=1) - config.rho ** (s + 1)) ** 2).mean() for s, k in enumerate(keeps))
+    return {"ratio": config.ratio_weight * loss / len(keeps)}
