@@ -31,19 +31,10 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default="out/bench_avit.json")
     args = ap.parse_args(argv)
     import tokenopt
-    from tokenopt.train import TrainConfig, _data, build_model, evaluate
+    from tokenopt.train import _data, evaluate, load_run
 
-    def load(run):
-        with open(os.path.join(run, "log.json")) as f:
-            doc = json.load(f)
-        fields = {k: v for k, v in doc["config"].items() if k in TrainConfig.__dataclass_fields__}
-        cfg = TrainConfig(**fields)
-        model = build_model(cfg)
-        model.load_state_dict(torch.load(os.path.join(run, "model.pt"), map_location="cpu", weights_only=True))
-        return cfg, model.eval()
-
-    base_cfg, base = load(args.base)
-    halt_cfg, halted = load(args.halting)
+    base_cfg, base, _ = load_run(args.base)
+    halt_cfg, halted, _ = load_run(args.halting)
     test_x, test_y = _data("test", args.test_images)
     example = (test_x[:2],)
     plain = tokenopt.optimize(base, policy="none", example_inputs=example)

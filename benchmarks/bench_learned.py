@@ -23,19 +23,6 @@ import torch
 import torch.fx as fx
 
 
-def _load(run):
-    from tokenopt.train import TrainConfig, build_model
-
-    with open(os.path.join(run, "log.json")) as f:
-        doc = json.load(f)
-    fields = {k: v for k, v in doc["config"].items() if k in TrainConfig.__dataclass_fields__}
-    cfg = TrainConfig(**fields)
-    model = build_model(cfg)
-    model.load_state_dict(torch.load(os.path.join(run, "model.pt"), map_location="cpu", weights_only=True))
-    policy_pt = os.path.join(run, "policy.pt")
-    return cfg, model.eval(), (policy_pt if os.path.exists(policy_pt) else None)
-
-
 def mlp_tokens(gm: fx.GraphModule, x: torch.Tensor) -> list[float]:
     """Per block, the token rows entering its MLP, per image (a packed buffer's rows shared out)."""
     from tokenopt.ir import MODEL_INFO
@@ -71,7 +58,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import tokenopt
     from tokenopt.flops import count_flops
-    from tokenopt.train import _data, evaluate
+    from tokenopt.train import _data, evaluate, load_run as _load
 
     test_x, test_y = _data("test", args.test_images)
     example = (test_x[:2],)

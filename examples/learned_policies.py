@@ -24,7 +24,7 @@ def small_vit() -> torch.nn.Module:
     return timm.create_model("vit_tiny_patch16_224", depth=4, img_size=64, patch_size=8, num_classes=5)
 
 
-def train_a_little(policy, steps: int = 3):
+def train_a_little(policy, steps: int = 2):
     model = small_vit()
     tm = tokenopt.prepare_training(model, policy=policy, example_inputs=(torch.randn(2, 3, 64, 64),))
     opt = torch.optim.AdamW(tm.parameters(), lr=1e-4)

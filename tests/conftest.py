@@ -7,6 +7,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.manual_seed(0)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one thread per worker: with -n 2 on this 2-core machine, two threads each oversubscribe the cores
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -102,3 +102,15 @@ ACCEPTANCE = {
 def logits(out):
     """The tensor a model returned (Hugging Face wraps it in a ModelOutput)."""
     return out.logits if hasattr(out, "logits") else out
+
+
+def run_example(name: str) -> None:
+    """Run ``examples/<name>.py``'s ``main()`` (tests read what it prints with capsys)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main()

@@ -17,7 +17,7 @@ def _load(name):
 
 def test_bench_policies_runs_and_writes_json(tmp_path):
     out = tmp_path / "b.json"
-    _load("bench_policies").main(["--model", "deit_tiny_patch16_224", "--depth", "6", "--batch", "2", "--rounds", "1",
+    _load("bench_policies").main(["--model", "deit_tiny_patch16_224", "--depth", "6", "--batch", "2", "--rounds", "1", "--threads", "1",
                                   "--policies", "ats", "ats:padded", "tome", "--json", str(out)])
     data = json.loads(out.read_text())
     names = [r["name"] for r in data["results"]]

@@ -246,14 +246,9 @@ def test_sait_training_graph_forward_and_gradients_equal_per_image_runs(vit):
 
 
 def test_learned_policies_example_runs(capsys):
-    import importlib.util
-    from pathlib import Path
+    from tests.models import run_example
 
-    path = Path(__file__).resolve().parents[1] / "examples" / "learned_policies.py"
-    spec = importlib.util.spec_from_file_location("learned_policies", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.main()
+    run_example("learned_policies")
     out = capsys.readouterr().out
     assert "avit: training losses ['ponder', 'prior']" in out and "dynamicvit: training losses ['ratio']" in out
     assert "1: [45, 45, 45, 45]" in out  # DynamicViT: block 1 runs on int(64 * 0.7) + CLS tokens

@@ -356,13 +356,8 @@ def test_dynamic_image_size_model_at_two_sizes(deit_dynamic, tmp_path):
 
 
 def test_dense_head_example_runs(capsys):
-    import importlib.util
-    from pathlib import Path
+    from tests.models import run_example
 
-    path = Path(__file__).resolve().parents[1] / "examples" / "dense_head.py"
-    spec = importlib.util.spec_from_file_location("dense_head", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.main()
+    run_example("dense_head")
     out = capsys.readouterr().out
     assert "output (4, 5, 14, 14)" in out and "tokens per block: [189," in out

@@ -52,8 +52,8 @@ def test_cli_bench_on_a_tiny_sample(tmp_path):
     if not os.path.exists(os.path.join(FASHION_MNIST_ROOT, "t10k-labels-idx1-ubyte.gz")):
         pytest.skip("Fashion-MNIST missing: apt-get install dataset-fashion-mnist")
     out = tmp_path / "bench"
-    assert main(["bench", "--model", "deit_tiny_patch16_224", "--train", "32", "--test", "16", "--batch", "8",
-                 "--rounds", "1", "--policies", "topk", "tome", "--budget", "tome:r=4", "tome:r=6",
+    assert main(["bench", "--model", "test_vit", "--train", "32", "--test", "16", "--batch", "8",
+                 "--rounds", "1", "--threads", "1", "--policies", "topk", "tome", "--budget", "tome:r=4", "tome:r=6",
                  "--out", str(out)]) == 0
     data = json.loads((out / "bench.json").read_text())
     names = [r["variant"] for r in data["rows"]]

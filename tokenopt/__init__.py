@@ -9,6 +9,7 @@ Importing tokenopt imports neither triton nor CUDA; the Triton kernels load on f
 """
 
 from tokenopt.api import optimize
+from tokenopt.calibrate import Calibration, calibrate
 from tokenopt.capture import CaptureError, capture
 from tokenopt.explain import explain, token_counts
 from tokenopt.ir import BlockInfo, ModelInfo
@@ -22,7 +23,7 @@ from tokenopt.training import TrainingModule, prepare_training
 __version__ = "0.1.0"
 
 __all__ = [
-    "optimize", "prepare_training", "TrainingModule", "save", "load", "export_onnx", "LoadError", "OptimizedModule", "capture", "explain", "token_counts", "find_blocks", "get_model_info",
+    "optimize", "calibrate", "Calibration", "prepare_training", "TrainingModule", "save", "load", "export_onnx", "LoadError", "OptimizedModule", "capture", "explain", "token_counts", "find_blocks", "get_model_info",
     "CaptureError", "NoAttentionError", "BlockStructureError", "PassError",
     "BlockInfo", "ModelInfo", "Pipeline", "register_pass", "PolicyConfig", "NoReduction", "ATS", "AViT", "DynamicViT", "SaiT", "TopK", "ToMe",
 ]

@@ -106,6 +106,37 @@ def _cmd_viz(args) -> int:
     return 0
 
 
+def _cmd_calibrate(args) -> int:
+    import torch
+
+    import tokenopt
+    from tokenopt.capture import default_example_inputs
+    from tokenopt.fidelity import FASHION_MNIST_ROOT, load_fashion_mnist, to_model_input
+
+    if (args.flops is None) == (args.throughput is None):
+        raise SystemExit("give one target: --flops RATIO (e.g. 0.5) or --throughput RATIO (e.g. 1.8)")
+    _check_writable_dir(os.path.dirname(os.path.abspath(args.out)))
+    if not os.path.exists(os.path.join(FASHION_MNIST_ROOT, "train-labels-idx1-ubyte.gz")):
+        raise SystemExit("the sample comes from Fashion-MNIST, which is not installed: "
+                         "apt-get install dataset-fashion-mnist (or call tokenopt.calibrate with your own images)")
+    torch.manual_seed(0)
+    model, real = _load_model(args.model)
+    if not real:
+        print(f"{args.model} has random weights here: the search runs, its fidelity figures mean little")
+    size = default_example_inputs(model)[0].shape[-1]
+    sample = to_model_input(load_fashion_mnist("train", args.sample)[0], size)
+    result = tokenopt.calibrate(model, args.policy, sample, flops=args.flops, throughput=args.throughput)
+    for c in result.candidates:
+        cost = f"FLOPs {c['flops_ratio']:.3f}" + (f", {c['throughput_ratio']:.2f}x" if "throughput_ratio" in c else "")
+        print(f"  {c['shape']:<10} scale {c['scale']:>6}: {cost}, fidelity {c['fidelity']:.4f}   r={c['budget']}")
+    result.save(args.out)
+    print(f"chosen: {result.config!r}: fidelity (cosine to the model on {args.sample} images) {result.fidelity:.4f}, "
+          f"FLOPs ratio {result.flops_ratio:.3f}"
+          + (f", throughput {result.throughput_ratio:.2f}x" if result.throughput_ratio else ""))
+    print(f"wrote {args.out}; use it: tokenopt.optimize(model, policy={args.out!r})")
+    return 0
+
+
 def _bench_budgets(args) -> dict:
     """``--budget tome:r=12 tome:r=14`` -> ``{"tome": [{"r": 12}, {"r": 14}]}``, checked against --policies."""
     budgets: dict = {}
@@ -325,6 +356,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     bench.add_argument("--threads", type=_positive_int, default=os.cpu_count())
     bench.add_argument("--out", default="out/bench")
     bench.set_defaults(fn=_cmd_bench)
+
+    cal = sub.add_parser("calibrate", help="search a policy's per-block budget on sample images for a target cost")
+    cal.add_argument("--model", default="dinov2", help="'dinov2' (real weights) or a timm model name")
+    cal.add_argument("--policy", default="tome", choices=["tome"])
+    cal.add_argument("--flops", type=float, default=None, help="target FLOPs ratio to the model, e.g. 0.5")
+    cal.add_argument("--throughput", type=float, default=None, help="target throughput ratio on this machine, e.g. 1.8")
+    cal.add_argument("--sample", type=_positive_int, default=32, help="first N Fashion-MNIST train images")
+    cal.add_argument("--out", default="out/calibration.json", help="the chosen config as JSON (optimize reads it)")
+    cal.set_defaults(fn=_cmd_calibrate)
 
     args = parser.parse_args(argv)
     return args.fn(args)

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-__all__ = ["TrainConfig", "build_model", "train", "main"]
+__all__ = ["TrainConfig", "build_model", "load_run", "train", "main"]
 
 MEAN, STD = 0.2860, 0.3530  # Fashion-MNIST pixel statistics (train split)
 
@@ -68,6 +68,18 @@ def build_model(cfg: TrainConfig) -> torch.nn.Module:
     return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=28, patch_size=2, in_chans=1,
                              num_classes=10, embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.heads,
                              mlp_ratio=cfg.mlp_ratio, drop_rate=0.0, drop_path_rate=0.0)
+
+
+def load_run(run: str) -> tuple[TrainConfig, torch.nn.Module, Optional[str]]:
+    """A finished ``tokenopt train`` run: its config, the model with its trained weights (eval mode) and
+    the path of its ``policy.pt`` (None when the policy has no weights of its own)."""
+    with open(os.path.join(run, "log.json")) as f:
+        doc = json.load(f)
+    cfg = TrainConfig(**{k: v for k, v in doc["config"].items() if k in TrainConfig.__dataclass_fields__})
+    model = build_model(cfg)
+    model.load_state_dict(torch.load(os.path.join(run, "model.pt"), map_location="cpu", weights_only=True))
+    policy_pt = os.path.join(run, "policy.pt")
+    return cfg, model.eval(), (policy_pt if os.path.exists(policy_pt) else None)
 
 
 def _data(split: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -154,6 +154,14 @@ def make_config(policy: Union[str, PolicyConfig, Sequence], **options: Any) -> P
         if options:
             return dataclasses.replace(policy, **options)
         return policy
+    if isinstance(policy, str) and policy.endswith(".json") and policy not in _POLICIES:
+        import os
+
+        if not os.path.exists(policy):
+            raise ValueError(f"policy {policy!r} looks like a calibration file, but there is no such file")
+        from tokenopt.calibrate import load_config
+
+        return make_config(load_config(policy), **options)
     if not isinstance(policy, str) or policy not in _POLICIES:
         raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(available_policies())} "
                          "or pass a config instance such as tokenopt.ATS(...)")
