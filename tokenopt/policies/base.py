@@ -89,6 +89,12 @@ class Composite(PolicyConfig):
     def policies(self):
         return self.parts
 
+    def training_losses(self, aux: dict) -> dict:
+        losses: dict = {}
+        for part in self.parts:
+            losses.update(part.training_losses(aux))
+        return losses
+
     def default_mode(self):
         modes = {p.default_mode() for p in self.parts} - {None}
         if len(modes) > 1:
