@@ -272,3 +272,11 @@ def test_learned_graphs_save_load_explain_and_compile(vit, tmp_path):
     back.density = 1.0  # the knob survives saving
     with torch.no_grad():
         torch.testing.assert_close(back(x), vit(x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_composite_training_module_returns_its_parts_losses(vit):
+    tm = tokenopt.prepare_training(copy.deepcopy(vit), policy=[tokenopt.TopK(keep_rate=0.8, blocks=(0,)),
+                                                               tokenopt.AViT(beta=-1.0, blocks=(1, 2, 3))],
+                                   example_inputs=(torch.randn(2, 3, 64, 64),))
+    tm(torch.randn(2, 3, 64, 64))
+    assert set(tm.aux_losses()) == {"ponder", "prior"}

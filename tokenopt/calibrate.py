@@ -157,8 +157,13 @@ def calibrate(
     try:
         captured = capture(model, (sample[:2],))
         captured.meta.pop("tokenopt.generic", None)
-        probe = fx.GraphModule(captured, _copy_graph(captured.graph))
-        probe.meta = dict(captured.meta)
+
+        def fresh() -> fx.GraphModule:  # a copy of the capture that passes may rewrite
+            gm = fx.GraphModule(captured, _copy_graph(captured.graph))
+            gm.meta = dict(captured.meta)
+            return gm
+
+        probe = fresh()
         find_blocks(probe)
         info = get_model_info(probe)
         depth, tokens = len(info.blocks), info.num_tokens
@@ -168,10 +173,7 @@ def calibrate(
         build = {"mode": "padded", "kernels": "reference", "dense": False, "keep_original": False}
 
         def make(budget):
-            gm = fx.GraphModule(captured, _copy_graph(captured.graph))
-            gm.meta = {k: v for k, v in captured.meta.items()}
-            gm, _ = _build(gm, make_config(policy, r=budget), build)
-            return gm
+            return _build(fresh(), make_config(policy, r=budget), build)[0]
 
         def timed(fn) -> float:
             with torch.no_grad():

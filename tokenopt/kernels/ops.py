@@ -45,7 +45,7 @@ DIFFERENTIABLE: dict[str, tuple[int, ...]] = {}
 SYNCS = {"pack_index": 1, "halt_pack": 1}
 #: ops on packed tokens (sizes that depend on values) and ATS's selection (which may read them): no ATen
 #: decomposition is registered for them, so fake-tensor propagation keeps using their fake implementations
-PACKED = {"active_keep", "halt_pack", "flat_map", "pack_index", "gather_rows", "unpack", "packed_cls_attention", "varlen_attention", "packed_select",
+PACKED = {"halt_pack", "pack_index", "gather_rows", "unpack", "packed_cls_attention", "varlen_attention", "packed_select",
           "packed_mean", "ats_select"}
 
 
@@ -402,17 +402,6 @@ def _(idx, valid, length):
     return idx.new_empty(idx.shape[0] * length)
 
 
-@_op("flat_map", ref.flat_map)
-def flat_map(flat: Tensor, like: Tensor) -> Tensor:
-    """Each row's row after a packing = ``reference.flat_map``."""
-    return ref.flat_map(flat, like)
-
-
-@flat_map.register_fake
-def _(flat, like):
-    return flat.new_empty(like.shape[0] * like.shape[1])
-
-
 @_op("slot_map", ref.slot_map)
 def slot_map(slot: Tensor, num_slots: int) -> Tensor:
     """Each dense row's row after a merge = ``reference.slot_map``."""
@@ -493,20 +482,6 @@ def _(y, h, cum, rem, rho, grid, home, cu, eps, last, n0):
     return (y.new_empty(1, t, y.shape[-1]), h.new_empty(1, t), h.new_empty(1, t), h.new_empty(1, t),
             y.new_empty(b, n0, y.shape[-1]), y.new_empty(t, dtype=torch.long), y.new_empty(b + 1, dtype=torch.long),
             y.new_empty(longest, dtype=torch.int8), torch.empty_like(h, dtype=torch.bool))
-
-
-@_op("active_keep", ref.active_keep)
-def active_keep(active: Tensor, cu: Optional[Tensor], capacity: int) -> tuple[Tensor, Tensor]:
-    """The running tokens as a Keep = ``reference.active_keep``."""
-    return ref.active_keep(active, cu, capacity)
-
-
-@active_keep.register_fake
-def _(active, cu, capacity):
-    if cu is None:
-        return torch.empty_like(active, dtype=torch.long), torch.empty_like(active)
-    b = cu.shape[0] - 1
-    return active.new_empty(b, capacity, dtype=torch.long), active.new_empty(b, capacity, dtype=torch.bool)
 
 
 # --- per-token side tables -------------------------------------------------------------------------

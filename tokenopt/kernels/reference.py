@@ -718,12 +718,6 @@ def keep_map(idx: torch.Tensor, valid: Optional[torch.Tensor], length: int) -> t
     return idx.new_full((b * length,), -1).scatter_reduce(0, old.reshape(-1), new.reshape(-1), "amax")
 
 
-def flat_map(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``[rows of like]``: each row's index in ``flat`` (the rows a packing kept, in order); -1: dropped."""
-    rows = like.shape[0] * like.shape[1]
-    return flat.new_full((rows,), -1).index_copy(0, flat, torch.arange(flat.shape[0], device=flat.device))
-
-
 def slot_map(slot: torch.Tensor, num_slots: int) -> torch.Tensor:
     """``[B * L]``: each dense row's row after a merge into ``num_slots`` slots per image (-1: dropped)."""
     b = slot.shape[0]
@@ -839,25 +833,13 @@ def halt_pack(y: torch.Tensor, h: torch.Tensor, cum: Optional[torch.Tensor], rem
         cu_new[1:] = torch.cumsum(counts, 0)
         total, most = divmod(int(cu_new[-1] * (n + 1) + counts.max()), n + 1)  # two counts in one host read
     if total:
-        dest = torch.where(running, torch.cumsum(running.long(), 0) - 1, total)  # each running row's new row
+        dest = torch.where(running, torch.cumsum(run, 0) - 1, total)  # each running row's new row
         flat = torch.zeros(total + 1, dtype=torch.long, device=y.device).scatter_(0, dest, torch.arange(n, device=y.device))[:total]
     else:
         flat = torch.zeros(0, dtype=torch.long, device=y.device)
     return (rows.index_select(0, flat)[None], c.index_select(0, flat)[None], rem.index_select(0, flat)[None],
             rho.index_select(0, flat)[None], grid, home.index_select(0, flat), cu_new,
             y.new_empty(most, dtype=torch.int8), running.view(h.shape))
-
-
-def active_keep(active: torch.Tensor, cu: Optional[torch.Tensor], capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The running tokens as a Keep: ``(idx, valid) [B, W]`` with each image's running tokens first, in
-    order. ``active`` is ``[B, L]`` (dense; ``W = L``) or packed ``[1, T]`` with offsets ``cu`` (``W`` =
-    ``capacity``, each image's own token indices)."""
-    if cu is not None:
-        rows, seg_valid = _segments(cu, capacity)
-        active = active[0][rows.clamp(max=max(active.shape[1] - 1, 0))] & seg_valid if active.shape[1] else seg_valid
-    order = torch.sort((~active).to(torch.int8), dim=1, stable=True).indices
-    count = active.sum(1, keepdim=True)
-    return order, torch.arange(active.shape[1], device=active.device)[None, :] < count
 
 
 # --- per-token side tables (rotary tables, relative-position biases) ------------------------------

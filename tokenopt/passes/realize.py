@@ -521,7 +521,8 @@ class RealizeTokens:
         return self._gather_state(ins, state, idx, valid, width, decision, x=new_x)
 
     def _post_block_site(self, gm, info, blk, state, d) -> int:
-        """Adaptive halting at the block output: accumulate, then drop (packed) or mask the halted tokens."""
+        """A decision on the block output: a Keep or Merge (the next block runs on the new tokens), a Mask
+        (training form), or adaptive halting (accumulate, then drop (packed) or mask the halted tokens)."""
         x = blk.x_out
         users = list(x.users)
         decision, ins = self._decide(gm, info, blk, state, d, x.next, x)
@@ -544,12 +545,11 @@ class RealizeTokens:
         if state.size is not None or self.needs_positions:
             raise RewriteError(f"block {blk.index}: {d.policy} halts tokens, which is not combined with merged "
                                "tokens or with rotary / relative-position tables yet; use it alone on a plain ViT")
-        h = state.halt or {}
         if self.mode == "packed":
             return self._halt_packed(ins, info, blk, state, d, decision, x, users)
-        active_in = None if state.packed else state.valid
+        h = state.halt or {}  # (masked and padded forms keep every row: validity marks the running ones)
         step = ins(tk.act_step.default, x, decision.score, h.get("cum"), h.get("rem"), h.get("rho"), h.get("acc"),
-                   active_in, decision.eps, decision.last, role="halt.step")
+                   state.valid, decision.eps, decision.last, role="halt.step")
         x_next, cum, rem, rho, acc, active = ins.items(
             step, 6, roles=(None, "halt.cum", "halt.rem", "halt.rho", "halt.acc", "halt.active"))
         state.halt = dict(cum=cum, rem=rem, rho=rho, acc=acc)
