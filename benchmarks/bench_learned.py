@@ -2,11 +2,12 @@
 
     python benchmarks/bench_learned.py            # after the training runs of the README
 
-Reads the ``tokenopt train`` runs (``--base`` the plain model; ``--avit``, ``--sait``, ``--dynamicvit``
+Reads the ``tokenopt train`` runs (``--base`` the plain model; ``--avit``, ``--adavit``, ``--sait``, ``--dynamicvit``
 their fine-tuned models, with ``policy.pt`` where the policy has weights of its own) and builds each
 policy's inference graph; the training-free policies (ATS, ToMe) run on the base model. Per row: test
 accuracy on the Fashion-MNIST test split, mean tokens per block (rows entering each block's MLP, per
-image, averaged over blocks and images), FLOPs per image counted while the graph runs (``FlopCounterMode``,
+image, averaged over blocks and images), heads and sub-layers run per block (AdaViT's gates; every other
+policy runs them all), FLOPs per image counted while the graph runs (``FlopCounterMode``,
 so per-image counts count) as a ratio to the base model's, and throughput at ``--batch`` (medians over
 ``--rounds`` interleaved runs) as a ratio to the base model's. A run that is missing is skipped, and said.
 """
@@ -42,10 +43,26 @@ def mlp_tokens(gm: fx.GraphModule, x: torch.Tensor) -> list[float]:
     return [rows[b] for b in sorted(rows)]
 
 
+def gates_run(gm: fx.GraphModule, x: torch.Tensor) -> tuple[float, float]:
+    """Mean heads and sub-layers (attention, MLP) run per block and image: AdaViT's gates
+    (``tokenopt.gate_usage``); a block without gates runs all of them."""
+    import tokenopt
+    from tokenopt.ir import MODEL_INFO
+
+    blocks = gm.meta[MODEL_INFO].blocks
+    used = tokenopt.gate_usage(gm, x)
+    heads = sum(float(used[b.index]["heads"].float().mean()) if b.index in used else b.attention.num_heads
+                for b in blocks) / len(blocks)
+    subs = sum(float(used[b.index]["attn"].float().mean() + used[b.index]["mlp"].float().mean()) if b.index in used
+               else 2.0 for b in blocks) / len(blocks)
+    return heads, subs
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", default="out/fmnist_vit")
     ap.add_argument("--avit", default="out/fmnist_avit")
+    ap.add_argument("--adavit", default="out/fmnist_adavit")
     ap.add_argument("--sait", default="out/fmnist_sait")
     ap.add_argument("--sait-densities", default="0.65,0.8", help="two densities, same weights")
     ap.add_argument("--dynamicvit", default="out/fmnist_dvit")
@@ -68,7 +85,7 @@ def main(argv=None) -> int:
                                                             example_inputs=example)
     graphs[f"ToMe (r={args.tome_r})"] = tokenopt.optimize(base, policy=tokenopt.ToMe(r=args.tome_r), example_inputs=example)
     skipped = []
-    for name, run in (("A-ViT", args.avit), ("SaiT", args.sait), ("DynamicViT", args.dynamicvit)):
+    for name, run in (("A-ViT", args.avit), ("AdaViT", args.adavit), ("SaiT", args.sait), ("DynamicViT", args.dynamicvit)):
         if not os.path.exists(os.path.join(run, "model.pt")):
             skipped.append(f"{name} ({run}: no model.pt)")
             continue
@@ -94,8 +111,9 @@ def main(argv=None) -> int:
     for name in graphs:
         gm = use(name)
         tokens = mlp_tokens(gm, test_x[:500])
+        heads, sublayers = gates_run(gm, test_x[:500])
         rows[name] = {"accuracy": evaluate(gm, test_x, test_y), "tokens_per_block": tokens,
-                      "mean_tokens": sum(tokens) / len(tokens),
+                      "mean_tokens": sum(tokens) / len(tokens), "heads_per_block": heads, "sublayers_per_block": sublayers,
                       "flops_ratio": count_flops(gm, x) / len(x) / base_flops}
         print(f"measured {name}", flush=True)
     times = {k: [] for k in graphs}
@@ -116,10 +134,12 @@ def main(argv=None) -> int:
     base_acc = rows["base (no reduction)"]["accuracy"]
     print(f"Fashion-MNIST test ({len(test_y)} images); throughput at batch {args.batch}, {torch.get_num_threads()} "
           f"threads, {args.rounds} interleaved rounds (medians)")
-    print(f"| policy | accuracy | drop (points) | tokens/block | FLOPs ratio | img/s | throughput ratio |")
-    print("|---|---|---|---|---|---|---|")
+    print("| policy | accuracy | drop (points) | tokens/block | heads/block | sub-layers/block | FLOPs ratio | img/s | "
+          "throughput ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         print(f"| {name} | {r['accuracy']:.2%} | {100 * (base_acc - r['accuracy']):.2f} | {r['mean_tokens']:.1f} | "
+              f"{r['heads_per_block']:.2f} | {r['sublayers_per_block']:.2f} | "
               f"{r['flops_ratio']:.2f} | {r['images_per_second']:.0f} | {r['throughput_ratio']:.2f}x |")
     for s in skipped:
         print(f"skipped: {s}")

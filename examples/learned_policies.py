@@ -1,11 +1,12 @@
-"""The learned policies end to end in an ordinary training loop: A-ViT, DynamicViT and SaiT.
+"""The learned policies end to end in an ordinary training loop: A-ViT, AdaViT, DynamicViT and SaiT.
 
     python examples/learned_policies.py
 
 For each policy: ``prepare_training`` gives a training graph (the policy masked and differentiable, its
 losses from ``aux_losses()``), a few optimizer steps run on random images, the trained weights go back
-into the original architecture (``model_state_dict()``; DynamicViT's predictors in
-``policy_state_dict()``) and ``optimize`` emits the inference graph, where the skipped tokens are gone.
+into the original architecture (``model_state_dict()``; AdaViT's and DynamicViT's decision networks in
+``policy_state_dict()``) and ``optimize`` emits the inference graph, where the skipped tokens (AdaViT:
+and heads and sub-layers) are gone.
 SaiT's density is a knob of that graph: set it, no rebuild. (A real recipe, on Fashion-MNIST, is
 ``tokenopt train``: README, "Training learned policies".)
 """
@@ -43,11 +44,15 @@ def train_a_little(policy, steps: int = 2):
 
 def main() -> None:
     x = torch.randn(4, 3, 64, 64)
-    for policy in (tokenopt.AViT(gamma=5.0, beta=-1.0), tokenopt.DynamicViT(rho=0.7), tokenopt.SaiT(density=0.7)):
+    policies = (tokenopt.AViT(gamma=5.0, beta=-1.0), tokenopt.AdaViT(), tokenopt.DynamicViT(rho=0.7),
+                tokenopt.SaiT(density=0.7))
+    for policy in policies:
         model, policy_state, losses = train_a_little(policy)
         gm = tokenopt.optimize(model, policy=policy, example_inputs=(x,), policy_state=policy_state or None)
         counts = {b: c.tolist() for b, c in tokenopt.token_counts(gm, x).items()}
         print(f"{policy.name}: training losses {losses or 'none (task loss only)'}; tokens after each block {counts}")
+        for block, used in tokenopt.gate_usage(gm, x).items():  # AdaViT: what each image ran
+            print(f"  block {block}: heads run {used['heads'].tolist()}, MLP run {used['mlp'].int().tolist()}")
         if "density" in gm.knobs:
             for density in (1.0, 0.5):
                 gm.density = density

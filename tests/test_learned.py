@@ -251,6 +251,7 @@ def test_learned_policies_example_runs(capsys):
     run_example("learned_policies")
     out = capsys.readouterr().out
     assert "avit: training losses ['ponder', 'prior']" in out and "dynamicvit: training losses ['ratio']" in out
+    assert "adavit: training losses ['heads', 'layers', 'tokens']" in out and "block 3: heads run [3, 3, 3, 3]" in out
     assert "1: [45, 45, 45, 45]" in out  # DynamicViT: block 1 runs on int(64 * 0.7) + CLS tokens
     assert "density 1.0: [65, 65, 65, 65]" in out
 

@@ -2,6 +2,7 @@ import json
 import os
 
 import pytest
+import timm
 import torch
 
 import tokenopt
@@ -52,12 +53,16 @@ def test_cli_bench_on_a_tiny_sample(tmp_path):
     if not os.path.exists(os.path.join(FASHION_MNIST_ROOT, "t10k-labels-idx1-ubyte.gz")):
         pytest.skip("Fashion-MNIST missing: apt-get install dataset-fashion-mnist")
     out = tmp_path / "bench"
+
+    calib = tmp_path / "calib_a.json"  # a calibrated config runs as a variant of its own
+    tokenopt.calibrate(timm.create_model("test_vit"), "pitome", torch.randn(4, 3, 160, 160), flops=0.8,
+                       shapes=("decreasing",), steps=2, progress=False).save(str(calib))
     assert main(["bench", "--model", "test_vit", "--train", "32", "--test", "16", "--batch", "8",
                  "--rounds", "1", "--threads", "1", "--policies", "topk", "tome", "--budget", "tome:r=4", "tome:r=6",
-                 "--out", str(out)]) == 0
+                 "--configs", str(calib), "--out", str(out)]) == 0
     data = json.loads((out / "bench.json").read_text())
     names = [r["variant"] for r in data["rows"]]
-    assert names == ["eager", "topk keep_rate=0.78", "tome r=4", "tome r=6"]  # topk at its default budget
+    assert names == ["eager", "topk keep_rate=0.78", "tome r=4", "tome r=6", "pitome calib_a"]  # topk at its default
     assert data["probe_l2"] in tokenopt_probe_grid()
     saved = torch.load(out / "features.pt")
     assert set(saved["test"]) == set(names) and saved["test"]["eager"].shape[0] == 16
@@ -83,6 +88,7 @@ def test_cli_viz_and_explain(tmp_path, capsys):
     (["bench", "--rounds", "0"], "must be at least 1"),
     (["bench", "--policies", "tome", "--budget", "ats:max_tokens=0.5"], "not among --policies"),
     (["bench", "--out", "/proc/tokenopt-cannot-write"], "not writable"),
+    (["bench", "--configs", "/nonexistent/calib.json"], "no such file"),
 ])
 def test_bench_arguments_are_checked_before_any_work(argv, message, capsys):
     from tokenopt.cli import main
@@ -95,7 +101,6 @@ def test_bench_arguments_are_checked_before_any_work(argv, message, capsys):
 def test_cli_optimize_out_writes_a_loadable_model(tmp_path, capsys):
     import torch
 
-    import tokenopt
     from tokenopt.cli import main
 
     out = tmp_path / "m.pt2"

@@ -11,19 +11,19 @@ Importing tokenopt imports neither triton nor CUDA; the Triton kernels load on f
 from tokenopt.api import optimize
 from tokenopt.calibrate import Calibration, calibrate
 from tokenopt.capture import CaptureError, capture
-from tokenopt.explain import explain, token_counts
+from tokenopt.explain import explain, gate_usage, token_counts
 from tokenopt.ir import BlockInfo, ModelInfo
 from tokenopt.module import OptimizedModule
 from tokenopt.passes import BlockStructureError, NoAttentionError, find_blocks, get_model_info
 from tokenopt.pipeline import PassError, Pipeline, register_pass
-from tokenopt.policies import ATS, AViT, DynamicViT, NoReduction, PolicyConfig, SaiT, ToMe, TopK
+from tokenopt.policies import AdaViT, ATS, AViT, DynamicViT, NoReduction, PiToMe, PolicyConfig, SaiT, ToMe, TopK
 from tokenopt.saving import LoadError, export_onnx, load, save
 from tokenopt.training import TrainingModule, prepare_training
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "optimize", "calibrate", "Calibration", "prepare_training", "TrainingModule", "save", "load", "export_onnx", "LoadError", "OptimizedModule", "capture", "explain", "token_counts", "find_blocks", "get_model_info",
+    "optimize", "calibrate", "Calibration", "prepare_training", "TrainingModule", "save", "load", "export_onnx", "LoadError", "OptimizedModule", "capture", "explain", "token_counts", "gate_usage", "find_blocks", "get_model_info",
     "CaptureError", "NoAttentionError", "BlockStructureError", "PassError",
-    "BlockInfo", "ModelInfo", "Pipeline", "register_pass", "PolicyConfig", "NoReduction", "ATS", "AViT", "DynamicViT", "SaiT", "TopK", "ToMe",
+    "BlockInfo", "ModelInfo", "Pipeline", "register_pass", "PolicyConfig", "NoReduction", "AdaViT", "ATS", "AViT", "DynamicViT", "PiToMe", "SaiT", "TopK", "ToMe",
 ]

@@ -7,7 +7,7 @@ target cost and returns the config whose outputs stay closest to the model's:
 
 * **Schedules.** A per-block budget is one of a few shapes scaled by one number ``s``: ``constant``
   (the same in every block), ``decreasing`` (most in the first blocks, where tokens are redundant
-  patches) and ``increasing`` (most in the last blocks). For ToMe the budget is ``r`` per block.
+  patches) and ``increasing`` (most in the last blocks). For ToMe and PiToMe the budget is ``r`` per block.
 * **Target.** ``flops=0.5``: the FLOPs ratio to the model, counted while the reduced graph runs on the
   sample; or ``throughput=1.8``: the throughput ratio measured on this machine at the sample's batch.
   For each shape, bisection on ``s`` finds the least reduction that meets the target.
@@ -39,6 +39,8 @@ import torch.fx as fx
 __all__ = ["calibrate", "Calibration", "SHAPES"]
 
 SHAPES = ("constant", "decreasing", "increasing")
+#: the policies whose budget is ``r`` tokens merged per block (at most half the patches of a block)
+PER_BLOCK_R = ("tome", "pitome")
 
 
 @dataclasses.dataclass
@@ -116,7 +118,7 @@ def calibrate(
 
     Args:
         model: the ViT (not modified).
-        policy: ``"tome"`` (``r`` per block).
+        policy: ``"tome"`` or ``"pitome"`` (``r`` per block).
         sample: the user's images ``[N, C, H, W]`` (a few dozen are enough), the model's input.
         flops: target FLOPs ratio in (0, 1), counted while the graph runs on the sample; or
         throughput: target throughput ratio (> 1) measured on this machine at the sample's batch.
@@ -136,8 +138,8 @@ def calibrate(
     from tokenopt.passes.find_blocks import find_blocks, get_model_info
     from tokenopt.policies import make_config
 
-    if policy != "tome":
-        raise ValueError(f"calibrate searches per-block budgets for policy='tome' so far; got {policy!r}")
+    if policy not in PER_BLOCK_R:
+        raise ValueError(f"calibrate searches per-block budgets for policy in {PER_BLOCK_R}; got {policy!r}")
     if (flops is None) == (throughput is None):
         raise ValueError("give one target: flops=<ratio in (0, 1)> or throughput=<ratio > 1>, e.g. flops=0.5")
     if flops is not None and not (isinstance(flops, (int, float)) and 0 < flops < 1):
@@ -206,7 +208,7 @@ def calibrate(
 
         bar = _Progress(progress, total=len(shapes))
         best = None
-        top = (tokens - info.num_prefix_tokens) / 2  # ToMe merges at most half the patches of a block
+        top = (tokens - info.num_prefix_tokens) / 2  # (ToMe, PiToMe) merge at most half the patches of a block
         for shape in shapes:
             bar.note(f"{shape}: searching")
             lo, hi = 0.0, top

@@ -24,11 +24,12 @@ SWEEPS = {
     "ats": ("max_tokens", [0.2, 0.3, 0.45, 0.6, 0.8]),
     "topk": ("keep_rate", [0.4, 0.5, 0.6, 0.7, 0.85]),
     "tome": ("r", [4, 8, 12, 16, 20]),
+    "pitome": ("r", [4, 8, 12, 16, 20]),
 }
 # budgets `bench` uses without --sweep, from the full run on the DINOv2 ViT-S/14 on this 2-core CPU
 # (out/real10k, README): ToMe r=14 1.52x, TopK 0.78 1.43x; ATS keeps the most it can (K = all
 # patches) and is still faster than that (1.87x), since its sampling collapses on peaked scores
-DEFAULT_BUDGETS = {"ats": {"max_tokens": 1.0}, "topk": {"keep_rate": 0.78}, "tome": {"r": 14}}
+DEFAULT_BUDGETS = {"ats": {"max_tokens": 1.0}, "topk": {"keep_rate": 0.78}, "tome": {"r": 14}, "pitome": {"r": 14}}
 
 
 def _parse_sets(pairs: Sequence[str]) -> dict:
@@ -186,6 +187,9 @@ def _cmd_bench(args) -> int:
 
     console = Console(width=160)
     budgets = _bench_budgets(args)  # every argument is checked before any model is loaded
+    for path in args.configs:
+        if not os.path.isfile(path):
+            raise SystemExit(f"--configs {path!r}: no such file (tokenopt calibrate --out writes one)")
     _check_writable_dir(args.out)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -204,6 +208,9 @@ def _cmd_bench(args) -> int:
         else:
             options = [{**DEFAULT_BUDGETS.get(policy, {}), **o} for o in budgets.get(policy, [{}])]
         configs += [(f"{policy} " + " ".join(f"{k}={v}" for k, v in o.items()), policy, o) for o in options]
+    for path in args.configs:  # calibrated per-block budgets, labelled by their file
+        label = f"{tokenopt.policies.make_config(path).name} {os.path.splitext(os.path.basename(path))[0]}"
+        configs.append((label, path, {}))
 
     train_x, train_y = load_fashion_mnist("train", args.train)
     test_x, test_y = load_fashion_mnist("test", args.test)
@@ -349,6 +356,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     bench.add_argument("--budget", nargs="*", default=[], metavar="POLICY:KEY=VALUE",
                        help="a policy's budget instead of its default, e.g. tome:r=14 topk:keep_rate=0.8; "
                        "repeat a policy to run it at several budgets, join options with commas")
+    bench.add_argument("--configs", nargs="*", default=[], metavar="CALIBRATION.json",
+                       help="calibrated configs (tokenopt calibrate --out) to run as variants too")
     bench.add_argument("--train", type=_positive_int, default=500, help="first N Fashion-MNIST train images for the probe")
     bench.add_argument("--test", type=_positive_int, default=300, help="first N Fashion-MNIST test images (10000 = all)")
     bench.add_argument("--batch", type=_positive_int, default=32)
@@ -359,7 +368,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     cal = sub.add_parser("calibrate", help="search a policy's per-block budget on sample images for a target cost")
     cal.add_argument("--model", default="dinov2", help="'dinov2' (real weights) or a timm model name")
-    cal.add_argument("--policy", default="tome", choices=["tome"])
+    cal.add_argument("--policy", default="tome", choices=["tome", "pitome"])
     cal.add_argument("--flops", type=float, default=None, help="target FLOPs ratio to the model, e.g. 0.5")
     cal.add_argument("--throughput", type=float, default=None, help="target throughput ratio on this machine, e.g. 1.8")
     cal.add_argument("--sample", type=_positive_int, default=32, help="first N Fashion-MNIST train images")

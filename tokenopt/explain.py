@@ -15,7 +15,7 @@ from rich.text import Text
 from tokenopt.flops import node_flops
 from tokenopt.ir import META_BLOCK, META_PROVENANCE, MODEL_INFO, ModelInfo
 
-__all__ = ["block_stats", "explain", "block_listing", "token_counts"]
+__all__ = ["block_stats", "explain", "block_listing", "token_counts", "gate_usage"]
 
 
 def _tokens(node: fx.Node) -> Optional[int]:
@@ -58,6 +58,8 @@ def block_stats(gm: fx.GraphModule) -> list[dict]:
         prov = node.meta.get(META_PROVENANCE)
         if prov:
             inserted.setdefault(blk, Counter())[prov.get("pass", "?")] += 1
+    gates = {d["block"]: [p for p in ("heads", "attn", "mlp") if d.get(p)]
+             for d in gm.meta.get("tokenopt.decisions", []) if d["kind"] == "gate"}
     rows = []
     for b in info.blocks:
         tokens_in, tokens_out = _per_image(gm, b)
@@ -67,10 +69,11 @@ def block_stats(gm: fx.GraphModule) -> list[dict]:
             "tokens_in": tokens_in,
             "tokens_out": tokens_out,
             "heads": b.attention.num_heads,
+            "gates": gates.get(b.index, []),
             "flops": flops[b.index],
             "inserted": dict(inserted.get(b.index, {})),
         })
-    rows.append({"block": "rest", "module": "", "tokens_in": None, "tokens_out": None, "heads": None,
+    rows.append({"block": "rest", "module": "", "tokens_in": None, "tokens_out": None, "heads": None, "gates": [],
                  "flops": flops[-1], "inserted": dict(inserted.get(-1, {}))})
     return rows
 
@@ -134,7 +137,8 @@ def explain(gm: fx.GraphModule, block: Optional[int] = None, *, console: Optiona
     mode = f"  mode={realized['mode']}" if realized else ""
     table = Table(title=f"tokenopt: {gm.meta.get('tokenopt.source', 'model')}  policy={policy!r}{mode}")
     for col, just in [("block", "right"), ("module", "left"), ("tokens in", "right"), ("tokens out", "right"),
-                      ("heads", "right"), ("GFLOPs", "right"), ("inserted nodes (by pass)", "left")]:
+                      ("heads", "right"), ("gated (per image)", "left"), ("GFLOPs", "right"),
+                      ("inserted nodes (by pass)", "left")]:
         table.add_column(col, justify=just)
     for r in rows:
         table.add_row(
@@ -142,6 +146,7 @@ def explain(gm: fx.GraphModule, block: Optional[int] = None, *, console: Optiona
             "" if r["tokens_in"] is None else str(r["tokens_in"]),
             "" if r["tokens_out"] is None else str(r["tokens_out"]),
             "" if r["heads"] is None else str(r["heads"]),
+            ", ".join(r["gates"]),
             f"{r['flops'] / 1e9:.3f}",
             ", ".join(f"{k}: {v}" for k, v in sorted(r["inserted"].items())),
         )
@@ -154,6 +159,9 @@ def explain(gm: fx.GraphModule, block: Optional[int] = None, *, console: Optiona
         + (f" ({total / base:.2f}x of the unmodified model)" if base else "")
     )
     parts = [table, summary]
+    for note in ([f"not recognised (runs as captured): {gm.meta['tokenopt.not_recognised']}"]
+                 if gm.meta.get("tokenopt.not_recognised") else []) + list(gm.meta.get("tokenopt.coverage") or []):
+        parts.append(Text(f"note: {note}", style="yellow"))
     if block is not None:
         if -len(info.blocks) <= block < 0:  # as optimize(blocks=...) reads it: -1 is the last block
             block += len(info.blocks)
@@ -212,3 +220,37 @@ def token_counts(gm: fx.GraphModule, *inputs) -> dict[int, "torch.Tensor"]:
     # (a count decided at a block's output, as halting is, is computed after that node)
     counts.update({b: seen[name] for b, (_kind, name) in sources.items()})
     return dict(sorted(counts.items()))
+
+
+def gate_usage(gm: fx.GraphModule, *inputs) -> dict[int, dict[str, "torch.Tensor"]]:
+    """Run ``gm`` on ``inputs`` and return, per gated block (AdaViT), what each image ran.
+
+    Returns:
+        ``{block: {"heads": LongTensor [B], "attn": BoolTensor [B], "mlp": BoolTensor [B]}}``: the heads
+        that ran (0 where the attention sub-layer was skipped) and whether each sub-layer ran. Read from
+        the gate nodes the realisation pass names in ``gm.meta["tokenopt.decisions"]``.
+    """
+    import torch
+
+    gates = [d for d in gm.meta.get("tokenopt.decisions", []) if d["kind"] == "gate"]
+    wanted = {d[p]: (d["block"], p) for d in gates for p in ("heads", "attn", "mlp") if d.get(p)}
+    seen: dict[int, dict[str, torch.Tensor]] = {}
+
+    class _Recorder(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n.name in wanted:
+                block, part = wanted[n.name]
+                seen.setdefault(block, {})[part] = out.detach() > 0.5 if out.is_floating_point() else out.bool()
+            return out
+
+    with torch.no_grad():
+        _Recorder(gm).run(*inputs)
+    usage = {}
+    for block, parts in sorted(seen.items()):
+        b = next(iter(parts.values())).shape[0]
+        attn = parts.get("attn", torch.ones(b, dtype=torch.bool))
+        heads = parts["heads"].sum(1) if "heads" in parts else torch.full((b,), gm.meta[MODEL_INFO].blocks[block].attention.num_heads)
+        usage[block] = {"heads": torch.where(attn, heads, 0), "attn": attn,
+                        "mlp": parts.get("mlp", torch.ones(b, dtype=torch.bool))}
+    return usage

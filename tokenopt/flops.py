@@ -70,6 +70,18 @@ def _varlen_attention_flops(q, k, v, cu_q, cu_k, *args, out_val=None, **kwargs) 
 _varlen_attention_flops._get_raw = True  # (FlopCounterMode hands it the tensors, not their shapes)
 
 
+def _head_attention_flops(q, k, v, heads, scale, key_bias=None, cu=None, capacity=0, *args, out_val=None, **kwargs) -> int:
+    """Attention of the (image, head) pairs that are on only: per image, its tokens squared times its heads."""
+    per_image = heads.sum(dim=1).double()
+    if cu is None:
+        return int(4 * q.shape[-2] * k.shape[-2] * q.shape[-1] * float(per_image.sum()))
+    lengths = (cu[1:] - cu[:-1]).double()
+    return int(4 * q.shape[-1] * float((lengths * lengths * per_image).sum()))
+
+
+_head_attention_flops._get_raw = True
+
+
 def _policy_attention_flops(q_shape, k_shape, *args, out_shape=None, **kwargs) -> int:
     return 4 * math.prod(q_shape[:-1]) * k_shape[-2] * q_shape[-1]
 
@@ -82,7 +94,7 @@ def count_flops(fn, *args, **kwargs) -> int:
     """FLOPs of one call ``fn(*args, **kwargs)``, counted op by op as it runs (so per-image token
     counts and the inserted token ops are included). Uses ``torch.utils.flop_counter``, taught the
     CPU flash-attention op it does not know and tokenopt's attention ops (whose inner calls it does not
-    see): packed attention counted image by image from its offsets."""
+    see): packed attention counted image by image from its offsets, gated heads only where they run."""
     from torch.utils.flop_counter import FlopCounterMode
 
     mapping = {}
@@ -93,6 +105,7 @@ def count_flops(fn, *args, **kwargs) -> int:
 
     mapping[torch.ops.tokenopt.varlen_attention] = _varlen_attention_flops  # (keyed by overload packet)
     mapping[torch.ops.tokenopt.policy_attention] = _policy_attention_flops
+    mapping[torch.ops.tokenopt.head_attention] = _head_attention_flops
     mapping[torch.ops.tokenopt.cls_attention] = _cls_attention_flops
     with FlopCounterMode(display=False, custom_mapping=mapping) as counter, torch.no_grad():
         fn(*args, **kwargs)

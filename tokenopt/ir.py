@@ -201,12 +201,13 @@ def stamp(node: fx.Node, **provenance: Any) -> fx.Node:
 # --- the decision vocabulary ------------------------------------------------------------------------
 # A policy pass only decides; tokenopt.passes.realize executes. A decision is a small record of graph
 # nodes (inserted by the policy) in one of these forms, for one block and one site of that block:
+#   site "pre_block": on the block's input, before anything of the block runs (AdaViT's gates);
 #   site "attn":      inside attention: only the chosen tokens go on as queries (ATS);
 #   site "post_attn": after the attention residual, before the MLP (top-k, EViT, ToMe);
 #   site "post_block": on the block's output, before the next block (A-ViT halting, DynamicViT).
 
 META_PLAN = "tokenopt.plan"  # gm.meta key: list[PlannedDecision], filled by the policy passes
-SITES = ("attn", "post_attn", "post_block")
+SITES = ("pre_block", "attn", "post_attn", "post_block")
 
 
 @dataclass
@@ -263,10 +264,25 @@ class Mask:
 
 
 @dataclass
+class Gate:
+    """Which parts of one block each image runs (AdaViT), decided on the block's input (site
+    ``"pre_block"``): ``heads [B, H]`` (the attention heads), ``attn [B]`` and ``mlp [B]`` (the two
+    residual sub-layers); ``None``: that part always runs. Training form: straight-through 0/1 floats that
+    scale each part's output (masked: the work is done, then weighed). Inference form: bools; padded and
+    packed graphs do not compute a skipped part for that image (the images that run a sub-layer are
+    gathered, run and added back: ``tokenopt::gate_rows``; attention runs only the (image, head) pairs
+    that are on: ``tokenopt::head_attention``)."""
+
+    heads: Optional[fx.Node] = None
+    attn: Optional[fx.Node] = None
+    mlp: Optional[fx.Node] = None
+
+
+@dataclass
 class PlannedDecision:
     """One entry of the plan: ``decide(ctx)`` is called by the realisation pass with a
     :class:`tokenopt.passes.realize.DecisionContext` for ``block`` at ``site`` and returns a
-    :class:`Keep`, a :class:`Merge` or None."""
+    :class:`Keep`, a :class:`Merge`, a :class:`Halt`, a :class:`Mask`, a :class:`Gate` or None."""
 
     block: int
     site: str

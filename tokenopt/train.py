@@ -11,8 +11,8 @@ batch. Rank 0 shows a progress display, writes ``log.json`` (per epoch: losses, 
 per block, time) and a checkpoint after each epoch (``checkpoint.pt``: weights, optimizer, scheduler,
 RNG states, the log) from which ``--resume`` continues exactly; ``model.pt`` holds the weights of the
 original architecture (an ordinary state dict) and ``policy.pt`` a learned policy's own weights
-(DynamicViT's predictors: ``optimize(model, policy, policy_state="policy.pt")``). Policies: ``none``,
-``avit``, ``dynamicvit`` and ``sait`` (alternating dense and sparse steps: density 1 on even steps,
+(AdaViT's and DynamicViT's decision networks: ``optimize(model, policy, policy_state="policy.pt")``).
+Policies: ``none``, ``avit``, ``adavit``, ``dynamicvit`` and ``sait`` (alternating dense and sparse steps: density 1 on even steps,
 ``train_density`` on odd ones); ``--distill`` adds a KL term to the ``--init`` model's predictions
 (weight: the policy's ``distill_weight``, else 0.5). The model: a timm ViT at 28x28, patch 2 (196 patch
 tokens + CLS), one input channel, no dropout (so runs are deterministic and comparable).
@@ -41,7 +41,7 @@ MEAN, STD = 0.2860, 0.3530  # Fashion-MNIST pixel statistics (train split)
 @dataclasses.dataclass
 class TrainConfig:
     out: str = "out/fmnist_vit"
-    policy: str = "none"  # "none", "avit", "dynamicvit" or "sait"
+    policy: str = "none"  # "none", "avit", "adavit", "dynamicvit" or "sait"
     policy_options: dict = dataclasses.field(default_factory=dict)
     init: Optional[str] = None  # a model.pt to start from (fine-tuning)
     epochs: int = 6
@@ -277,7 +277,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     ap = argparse.ArgumentParser(prog="tokenopt train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = TrainConfig()
-    helps = {"out": "folder for log.json, checkpoint.pt and model.pt", "policy": "none, avit, dynamicvit or sait",
+    helps = {"out": "folder for log.json, checkpoint.pt and model.pt", "policy": "none, avit, adavit, dynamicvit or sait",
              "init": "a model.pt to start from (fine-tuning)", "batch": "global batch (split over processes)",
              "train_images": "first N training images", "test_images": "first N test images (accuracy each epoch)",
              "warmup_steps": "linear warm-up, then cosine decay", "seed": "data order and initialisation"}

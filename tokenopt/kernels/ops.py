@@ -14,7 +14,8 @@ runs on CPU and CUDA) behind a custom-op boundary, with
 On a GPU the fusion pass (:mod:`tokenopt.passes.fuse_kernels`) swaps chains of these ops for the Triton
 ops of :mod:`tokenopt.kernels.fused`. A graph holds one node per op, so a forward dispatches one op
 per token step (not the dozen ATen calls of its reference) and its host syncs are only those an op
-documents: ``pack_index`` and ``halt_pack`` read one count back; no other op reads anything back.
+documents: ``pack_index``, ``halt_pack``, ``gate_rows`` and ``head_attention`` read one count back; no other
+op reads anything back.
 
 Example:
     >>> import torch, tokenopt.kernels.ops  # registers torch.ops.tokenopt.*
@@ -42,11 +43,11 @@ REFERENCES: dict[str, Callable] = {}
 #: ops with autograd (the tensor arguments gradients flow to)
 DIFFERENTIABLE: dict[str, tuple[int, ...]] = {}
 #: host reads per call, by design (every op not listed reads nothing back)
-SYNCS = {"pack_index": 1, "halt_pack": 1}
+SYNCS = {"pack_index": 1, "halt_pack": 1, "gate_rows": 1, "head_attention": 1}
 #: ops on packed tokens (sizes that depend on values) and ATS's selection (which may read them): no ATen
 #: decomposition is registered for them, so fake-tensor propagation keeps using their fake implementations
 PACKED = {"halt_pack", "pack_index", "gather_rows", "unpack", "packed_cls_attention", "varlen_attention", "packed_select",
-          "packed_mean", "ats_select"}
+          "packed_mean", "ats_select", "gate_rows", "head_attention"}
 
 
 def _fresh(out, inputs):
@@ -605,3 +606,76 @@ def _(cls_attn, density, num_prefix, valid, width):
     b = cls_attn.shape[0]
     return (cls_attn.new_empty(b, num_prefix + width, dtype=torch.long),
             cls_attn.new_empty(b, num_prefix + width, dtype=torch.bool))
+
+
+# --- AdaViT gates ------------------------------------------------------------------------------------
+
+
+@_op("gumbel_gate", ref.gumbel_gate, grads=(0,))
+def gumbel_gate(logits: Tensor, noise: Tensor, tau: float, threshold: float) -> Tensor:
+    """AdaViT's hard Gumbel-sigmoid gate (straight-through) = ``reference.gumbel_gate``."""
+    return ref.gumbel_gate(logits, noise, tau, threshold)
+
+
+@gumbel_gate.register_fake
+def _(logits, noise, tau, threshold):
+    return logits.new_empty(logits.shape, dtype=torch.float32)
+
+
+@_op("keep_select", ref.keep_select)
+def keep_select(keep: Tensor, num_prefix: int) -> tuple[Tensor, Tensor]:
+    """Kept patch tokens (bool mask) -> prefix-first ``(idx, valid)`` = ``reference.keep_select``."""
+    return ref.keep_select(keep, num_prefix)
+
+
+@keep_select.register_fake
+def _(keep, num_prefix):
+    b, n = keep.shape
+    return keep.new_empty(b, num_prefix + n, dtype=torch.long), keep.new_empty(b, num_prefix + n, dtype=torch.bool)
+
+
+@_op("gate_rows", ref.gate_rows)
+def gate_rows(run: Tensor, cu: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """The images a gate runs and their rows = ``reference.gate_rows`` (one host read)."""
+    return ref.gate_rows(run, cu)
+
+
+@gate_rows.register_fake
+def _(run, cu):
+    ctx = get_ctx()
+    k = ctx.new_dynamic_size()
+    rows = k if cu is None else ctx.new_dynamic_size()
+    sub = 0 if cu is None else k + 1
+    return (run.new_empty(rows, dtype=torch.long), run.new_empty(k, dtype=torch.long),
+            run.new_empty(sub, dtype=torch.long))
+
+
+@_op("head_attention", ref.head_attention)
+def head_attention(q: Tensor, k: Tensor, v: Tensor, heads: Tensor, scale: float, key_bias: Optional[Tensor] = None,
+                   cu: Optional[Tensor] = None, capacity: int = 0) -> Tensor:
+    """Attention of the gated-on (image, head) pairs only = ``reference.head_attention`` (one host read; on a
+    CPU, packed tokens are computed as ``reference.head_attention_segments``: the same values, image by image)."""
+    if cu is not None and q.device.type == "cpu" and cu.device.type == "cpu":
+        return ref.head_attention_segments(q, k, v, heads, scale, cu)
+    return ref.head_attention(q, k, v, heads, scale, key_bias, cu, capacity)
+
+
+@head_attention.register_fake
+def _(q, k, v, heads, scale, key_bias=None, cu=None, capacity=0):
+    return q.new_empty(q.shape[:-1] + (v.shape[-1],))
+
+
+# --- PiToMe --------------------------------------------------------------------------------------------
+
+
+@_op("pitome_slots", ref.pitome_slots)
+def pitome_slots(metric: Tensor, r: int, num_prefix: int, margin: float, alpha: float, active: Optional[int],
+                 best_edges: bool = False) -> tuple[Tensor, Tensor]:
+    """PiToMe's energy-guided merge decision as slots = ``reference.pitome_slots``."""
+    return ref.pitome_slots(metric, r, num_prefix, margin, alpha, active, best_edges)
+
+
+@pitome_slots.register_fake
+def _(metric, r, num_prefix, margin, alpha, active, best_edges=False):
+    b, n = metric.shape[:2]
+    return metric.new_empty(b, n, dtype=torch.long), metric.new_empty(b, n, dtype=torch.bool)

@@ -970,3 +970,130 @@ def mass_select(cls_attn: torch.Tensor, density: torch.Tensor, num_prefix: int, 
     idx = torch.cat([prefix, pos], dim=1)
     keep = torch.arange(num_prefix + width, device=score.device)[None, :] < count + num_prefix
     return idx, keep
+
+
+# --- AdaViT: gates on heads, sub-layers and tokens --------------------------------------------------
+
+
+def gumbel_gate(logits: torch.Tensor, noise: torch.Tensor, tau: float, threshold: float) -> torch.Tensor:
+    """AdaViT's training-time gate: hard Gumbel-sigmoid with a straight-through gradient. ``noise`` is
+    the difference of two Gumbel samples (logistic noise), given so that the result is a function of its
+    inputs: ``soft = sigmoid((logits + noise) / tau)``, ``hard = soft > threshold`` (1.0 / 0.0), returns
+    ``hard - soft.detach() + soft`` (float32)."""
+    soft = ((logits.float() + noise.float()) / tau).sigmoid()
+    hard = (soft > threshold).to(soft.dtype)
+    return hard - soft.detach() + soft
+
+
+def keep_select(keep: torch.Tensor, num_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kept patch tokens ``keep [B, Np]`` (bool) -> ``(idx, valid)`` ``[B, P + Np]``: the prefix tokens,
+    then each image's kept patches in their original order (a valid prefix of every row); no host read."""
+    return _indices_of(keep, num_prefix, keep.shape[1])
+
+
+def gate_rows(run: torch.Tensor, cu: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The images whose gate ``run [B]`` (bool) is on, and their rows: ``(rows, images, cu_sub)``.
+
+    Dense tokens (``cu`` None): ``rows = images`` (indices into the batch) and ``cu_sub`` is empty.
+    Packed tokens (offsets ``cu [B + 1]``): ``rows`` are the buffer rows of those images' tokens in
+    order and ``cu_sub [K + 1]`` their offsets. One host read (how many images run).
+    """
+    images = run.nonzero().squeeze(1)
+    if cu is None:
+        return images, images.clone(), images.new_empty(0)
+    lengths = (cu[1:] - cu[:-1])[images]
+    cu_sub = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+    total = int(cu_sub[-1]) if images.numel() else 0
+    t = torch.arange(total, device=cu.device)
+    seg = torch.searchsorted(cu_sub, t, right=True) - 1
+    rows = cu[:-1][images][seg] + (t - cu_sub[seg])
+    return rows, images, cu_sub
+
+
+def head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: torch.Tensor, scale: float,
+                   key_bias: Optional[torch.Tensor] = None, cu: Optional[torch.Tensor] = None,
+                   capacity: int = 0) -> torch.Tensor:
+    """Attention computed only for the (image, head) pairs whose gate ``heads [B, H]`` (bool) is on; the
+    others' outputs are 0 (AdaViT's skipped heads). Dense ``[B, H, N, D]`` with an optional
+    ``key_bias [B, 1, 1, N]``, or packed ``[1, H, T, D]`` with offsets ``cu`` (each image over its own
+    tokens, at most ``capacity``). The active pairs are gathered into one SDPA batch ``[P, 1, N, D]``:
+    one host read (how many pairs run)."""
+    if cu is not None:
+        qp, valid = unpack(q, cu, capacity)
+        kp, _ = unpack(k, cu, capacity)
+        vp, _ = unpack(v, cu, capacity)
+        bias = torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill(~valid, float("-inf"))[:, None, None]
+        return repack(head_attention(qp, kp, vp, heads, scale, bias), cu, q.shape[2])
+    b, h, n, d = q.shape
+    pairs = heads.reshape(-1).nonzero().squeeze(1)
+    out = q.new_zeros(b * h, n, v.shape[-1])
+    if pairs.numel():
+        pick = lambda t: t.reshape(b * h, t.shape[2], t.shape[3]).index_select(0, pairs)[:, None]  # noqa: E731
+        mask = key_bias.index_select(0, pairs // h) if key_bias is not None else None
+        o = torch.nn.functional.scaled_dot_product_attention(pick(q), pick(k), pick(v), attn_mask=mask, scale=scale)
+        out = out.index_copy(0, pairs, o[:, 0])
+    return out.view(b, h, n, v.shape[-1])
+
+
+def head_attention_segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: torch.Tensor, scale: float,
+                            cu: torch.Tensor) -> torch.Tensor:
+    """:func:`head_attention` on packed tokens, one SDPA per image on exactly its tokens and its heads
+    that are on: for CPU tensors (``tensor_split`` reads the CPU offsets and head counts directly; the
+    one host read is ``nonzero``)."""
+    on = heads.nonzero()[:, 1]  # the heads that are on, image by image
+    per_image = torch.tensor_split(on, heads.sum(dim=1).cumsum(0)[:-1])
+    outs = []
+    for qi, ki, vi, sel in zip(*(torch.tensor_split(t, cu[1:-1], dim=2) for t in (q, k, v)), per_image):
+        oi = qi.new_zeros(qi.shape[:-1] + (vi.shape[-1],))
+        if qi.shape[2] and sel.numel():
+            o = torch.nn.functional.scaled_dot_product_attention(qi.index_select(1, sel), ki.index_select(1, sel),
+                                                                 vi.index_select(1, sel), scale=scale)
+            oi = oi.index_copy(1, sel, o)
+        outs.append(oi)
+    if not outs:
+        return q.new_empty(q.shape[:-1] + (v.shape[-1],))
+    return torch.cat(outs, dim=2)
+
+
+# --- PiToMe: energy-guided merging ------------------------------------------------------------------
+
+
+def pitome_slots(metric: torch.Tensor, r: int, num_prefix: int, margin: float, alpha: float = 1.0,
+                 active: Optional[int] = None, best_edges: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """PiToMe's merge decision (Tran et al., NeurIPS 2024) as slots: ``(slot [B, N], rep [B, N])``.
+
+    On the patch tokens of the first ``active`` tokens (the rest are padding: slot -1): cosine
+    similarities of the metric, an *energy* per token ``mean_j elu(cos_ij - margin, alpha)`` (high in
+    dense clusters, low for isolated tokens), tokens ordered by energy (highest first); the ``2 r``
+    highest are the merge candidates, alternately A and B, the others are protected; each A token
+    merges into its most similar B token. Slots: prefix tokens first, then every token that stays a
+    slot (protected and B tokens) in original order; an A token takes its B partner's slot. ``rep``
+    marks the tokens that stand for their slot (all but the merged A tokens). ``best_edges``: the authors'
+    "bsm" variant: every token goes to A or B alternately by energy rank and the ``r`` A tokens with the
+    most similar partners merge (ToMe's rule on PiToMe's split).
+    """
+    bsz, n = metric.shape[:2]
+    active = n if active is None else active
+    t = active - num_prefix
+    m = torch.nn.functional.normalize(metric[:, num_prefix:active].float(), dim=-1)
+    sim = m @ m.transpose(1, 2)
+    energy = torch.nn.functional.elu(sim - margin, alpha=alpha).mean(dim=-1)
+    order = torch.sort(energy, dim=1, descending=True, stable=True).indices
+    if best_edges:  # every token in A or B by energy rank; the r A tokens with the best matches merge
+        a, b = order[:, 0::2], order[:, 1::2]
+        pair = sim.gather(1, a[..., None].expand(bsz, a.shape[1], t)).gather(2, b[:, None, :].expand(bsz, a.shape[1], b.shape[1]))
+        best, partner = pair.max(dim=-1)
+        src = torch.sort(best, dim=1, descending=True, stable=True).indices[:, :r]
+        a, dst = a.gather(1, src), b.gather(1, partner.gather(1, src))
+    else:
+        a, b = order[:, 0:2 * r:2], order[:, 1:2 * r:2]
+        pair = sim.gather(1, a[..., None].expand(bsz, r, t)).gather(2, b[:, None, :].expand(bsz, r, r))
+        dst = b.gather(1, pair.argmax(dim=-1))  # each A token's most similar B token
+    stays = torch.ones(bsz, t, dtype=torch.bool, device=metric.device).scatter(1, a, False)
+    rank = stays.long().cumsum(dim=1) - 1 + num_prefix
+    slot = rank.scatter(1, a, rank.gather(1, dst))
+    prefix = torch.arange(num_prefix, device=metric.device).expand(bsz, num_prefix)
+    tail = torch.full((bsz, n - active), -1, dtype=torch.long, device=metric.device)
+    ones = torch.ones(bsz, num_prefix, dtype=torch.bool, device=metric.device)
+    rep = torch.cat([ones, stays, torch.zeros(bsz, n - active, dtype=torch.bool, device=metric.device)], 1)
+    return torch.cat([prefix, slot, tail], 1), rep

@@ -42,7 +42,7 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 import tokenopt.kernels.ops  # noqa: F401  (registers torch.ops.tokenopt.*)
-from tokenopt.ir import META_PLAN, META_ROLE, SITES, BlockInfo, Halt, Keep, Mask, Merge, ModelInfo, PlannedDecision, stamp
+from tokenopt.ir import META_PLAN, META_ROLE, SITES, BlockInfo, Gate, Halt, Keep, Mask, Merge, ModelInfo, PlannedDecision, stamp
 from tokenopt.passes import patterns as P
 from tokenopt.passes.find_blocks import get_model_info
 
@@ -188,11 +188,30 @@ class DecisionContext:
     @property
     def x(self) -> fx.Node:
         """The residual stream at this site: ``[B, L, C]`` (post-attention site, dense tokens), or at the
-        block output (``post_block`` site) its rows in any layout (``[1, T, C]`` when packed)."""
-        if self._x is None or self._state.packed and self.site != "post_block":
+        block input or output (``pre_block``, ``post_block`` sites) its rows in any layout (``[1, T, C]``
+        when packed)."""
+        if self._x is None or self._state.packed and self.site not in ("pre_block", "post_block"):
             raise RewriteError(f"block {self.block.index}: {self.policy} reads the residual stream, which "
                                "is only available after attention on dense (unpacked) tokens")
         return self._x
+
+    def dense_tokens(self) -> tuple[fx.Node, Optional[fx.Node]]:
+        """The residual stream at this site laid out per image, ``([B, L, C], valid [B, L] or None)``:
+        packed tokens are unpacked to this batch's longest image (padding marked invalid)."""
+        s = self._state
+        if s.packed:
+            x, valid = self.call.items(self.call(tk.unpack.default, self.x, s.cu, s.cap), 2)
+            return x, valid
+        return self.x, s.valid
+
+    def prefix_token(self, index: int = 0) -> fx.Node:
+        """Prefix token ``index`` (the CLS token for 0) of every image at this site, ``[B, C]``, in any layout."""
+        if not 0 <= index < self.num_prefix:
+            raise RewriteError(f"block {self.block.index}: {self.policy} reads prefix token {index}, but this model has "
+                               f"{self.num_prefix} prefix token(s)")
+        if self._state.packed:
+            return self.call(tk.packed_select.default, self.x, self._state.cu, index)
+        return self.call(aten.select.int, self.x, 1, index)
 
     def require_dense(self, what: str) -> None:
         if self._state.packed or self._state.active is None:
@@ -281,6 +300,7 @@ class RealizeTokens:
         self.halting: list[dict] = []
         self.aux: dict[str, list[str]] = {}
         self._unused_state = set(self.policy_state or {})
+        self._untrained: list[str] = []
         self.dtype = P.val(info.blocks[0].x_in).dtype
         counts: dict[int, Any] = {}
         count_nodes: dict[int, tuple[str, str]] = {}
@@ -307,12 +327,23 @@ class RealizeTokens:
                                              role="tokens.side"))
             att_decisions = by_site.get((blk.index, "attn"), [])
             here = [d for site in SITES for d in by_site.get((blk.index, site), [])]
-            if len(here) > 1:  # the second would need this block's keys for the first one's tokens
+            sites = [d.site for d in here]
+            if len({d.policy for d in here}) > 1 or len(set(sites)) < len(sites):
+                # the second would need this block's keys for the first one's tokens
                 raise RewriteError(
                     f"block {blk.index}: {len(here)} policies decide in the same block "
                     f"({', '.join(d.policy for d in here)}); give them different blocks=, e.g. prune at "
                     "block 3 and merge from block 4 on")
-            if att_decisions:
+            gate = None
+            for d in by_site.get((blk.index, "pre_block"), []):
+                gate = self._pre_block_site(gm, info, blk, state, d)
+            if gate is not None:
+                if att_decisions:
+                    raise RewriteError(f"block {blk.index}: {att_decisions[0].policy} decides inside attention, which "
+                                       "gated blocks do not support")
+                self._gated_block(gm, blk, state, gate, by_site[(blk.index, "pre_block")][0].policy)
+                decided += 1
+            elif att_decisions:
                 decided += self._attn_site(gm, info, blk, state, att_decisions[0])
             else:
                 self._attend(gm, blk, state)
@@ -341,7 +372,7 @@ class RealizeTokens:
             retarget_token_sizes(gm)
         # the per-block count nodes stay (token_counts and explain read them), even past the last reader
         keep = {name for _kind, name in count_nodes.values()}
-        keep |= {d[k] for d in self.decisions for k in ("idx", "valid", "slot") if d.get(k)}
+        keep |= {d[k] for d in self.decisions for k in ("idx", "valid", "slot", "heads", "attn", "mlp") if d.get(k)}
         keep |= {h[k] for h in self.halting for k in ("score", "rho", "active")}
         keep |= {name for names in self.aux.values() for name in names}
         gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.name in keep or n.is_impure())
@@ -349,6 +380,12 @@ class RealizeTokens:
         gm.meta["tokenopt.decisions"] = self.decisions
         gm.meta["tokenopt.halting"] = self.halting
         gm.meta["tokenopt.aux"] = self.aux
+        if self._untrained:
+            import warnings
+
+            names = ", ".join(self._untrained[:3]) + (f" and {len(self._untrained) - 3} more" if len(self._untrained) > 3 else "")
+            warnings.warn(f"no trained weights for {names} (policy_state=...): they run with their initial weights; "
+                          "pass the policy_state saved by training", stacklevel=4)
         if self._unused_state:
             raise RewriteError(f"policy_state has weights this graph does not use: {', '.join(sorted(self._unused_state)[:4])}"
                                f"{' ...' if len(self._unused_state) > 4 else ''}; pass the state saved by training the "
@@ -376,10 +413,7 @@ class RealizeTokens:
                 module.load_state_dict(given, strict=True)
                 self._unused_state -= {prefix + k for k in given}
             elif not self.training:
-                import warnings
-
-                warnings.warn(f"{policy}: no trained weights for {target} (policy_state=...): it runs with its "
-                              "initial weights; pass the policy_state saved by training", stacklevel=2)
+                self._untrained.append(target)
             holder.add_module(name, module.to(device=like.device))
         return target
 
@@ -445,9 +479,12 @@ class RealizeTokens:
     def _decide(self, gm, info, blk, state, d: PlannedDecision, anchor, x):
         ctx = DecisionContext(self, gm, info, blk, state, d.site, anchor, x, d.policy)
         decision = d.decide(ctx)
-        if decision is not None and not isinstance(decision, (Keep, Merge, Halt, Mask)):
-            raise RewriteError(f"{d.policy}: a decision must be tokenopt.ir.Keep, Merge, Halt, Mask or None; got "
+        if decision is not None and not isinstance(decision, (Keep, Merge, Halt, Mask, Gate)):
+            raise RewriteError(f"{d.policy}: a decision must be tokenopt.ir.Keep, Merge, Halt, Mask, Gate or None; got "
                                f"{type(decision).__name__}")
+        if (isinstance(decision, Gate)) != (d.site == "pre_block") and decision is not None:
+            raise RewriteError(f"{d.policy}: Gate decisions are made on the block input (site 'pre_block') and are "
+                               f"the only ones made there; got a {type(decision).__name__} at site {d.site!r}")
         if isinstance(decision, (Halt, Mask)) and d.site != "post_block":
             raise RewriteError(f"{d.policy}: {type(decision).__name__} decisions are made at the block output (site "
                                f"'post_block') and only there; got one at site {d.site!r}")
@@ -459,7 +496,98 @@ class RealizeTokens:
                                    "valid": decision.valid.name if decision.valid is not None else None})
         elif isinstance(decision, Merge):
             self.decisions.append({"block": blk.index, "kind": "merge", "slot": decision.slot.name})
+        elif isinstance(decision, Gate):
+            self.decisions.append({"block": blk.index, "kind": "gate", **{
+                part: getattr(decision, part).name for part in ("heads", "attn", "mlp") if getattr(decision, part) is not None}})
         return decision, ctx.call
+
+    def _pre_block_site(self, gm, info, blk, state, d) -> Optional[Gate]:
+        """A Gate decided on the block input: its nodes go before the first node of the block."""
+        x = _skip_of(blk.attn_add, blk.attn_branch)
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        inside = set(blk.nodes)
+        first = min((u for u in x.users if u in inside), key=order.__getitem__)
+        decision, _ = self._decide(gm, info, blk, state, d, first, x)
+        if decision is None or all(getattr(decision, p) is None for p in ("heads", "attn", "mlp")):
+            return None
+        if self.needs_positions:
+            raise RewriteError(f"block {blk.index}: {d.policy} gates parts of blocks, which is not combined with "
+                               "rotary or relative-position tables yet; use it on a ViT with absolute positions")
+        if state.size is not None and state.proportional:
+            raise RewriteError(f"block {blk.index}: {d.policy} gates parts of a block after a merge with proportional "
+                               "attention, which is not supported; gate before merging")
+        return decision
+
+    def _gated_block(self, gm, blk: BlockInfo, state: TokenState, gate: Gate, policy: str) -> None:
+        """Realise a Gate. Masked: every part runs and its output is scaled by its gate (training form).
+        Padded / packed: a sub-layer runs on the images whose gate is on (gathered, then added back into
+        the residual stream by index); attention computes only the heads that are on."""
+        att = blk.attention
+        masked = self.mode == "masked"
+        if gate.heads is not None and not masked and (att.kind != "sdpa" or att.attn_mask is not None):
+            raise RewriteError(
+                f"block {blk.index} ({blk.module_path}): attention {att.core.name} is not a plain SDPA without a "
+                "model mask, so heads cannot be skipped in it; gate sub-layers only (heads=False)")
+        sub, images = state, None
+        if gate.attn is not None and not masked:
+            blk.attn_add, rows, images, cu = self._run_images(gm, blk, state, gate.attn, blk.attn_add,
+                                                              blk.attn_branch, policy)
+            blk.x_mid = blk.attn_add
+            sub = replace(state, cu=cu if state.packed else None)
+            if state.bias is not None:
+                sub.bias = _Inserter(gm, att.core, blk.index, policy)(aten.index_select.default, state.bias, 0, images)
+        if gate.heads is not None and not masked:
+            ins = _Inserter(gm, att.core, blk.index, policy)
+            heads = gate.heads if images is None else ins(aten.index_select.default, gate.heads, 0, images)
+            new = ins(tk.head_attention.default, att.q, att.k, att.v, heads, att.scale,
+                      None if sub.packed else sub.bias, sub.cu, sub.cap if sub.packed else 0, role="attn.core")
+            new.meta["val"] = att.core.meta.get("val")
+            att.core.replace_all_uses_with(new)
+            gm.graph.erase_node(att.core)
+            att.core, att.kind = new, "heads"
+        else:
+            self._attend(gm, blk, sub, policy=policy)
+        if gate.heads is not None and masked:
+            core = att.core
+            ins = _Inserter(gm, core.next, blk.index, policy)
+            b, h = ins(aten.sym_size.int, gate.heads, 0), ins(aten.sym_size.int, gate.heads, 1)
+            w = ins(aten._to_copy.default, ins(aten.view.default, gate.heads, [b, h, 1, 1]), dtype=P.val(core).dtype)
+            scaled = ins(aten.mul.Tensor, core, w, role="attn.core")
+            core.replace_all_uses_with(scaled, delete_user_cb=lambda u: u is not scaled)
+        for run, attr in ((gate.attn, "attn"), (gate.mlp, "mlp")):
+            if run is None or attr == "attn" and not masked:
+                continue
+            add, branch = getattr(blk, f"{attr}_add"), getattr(blk, f"{attr}_branch")
+            if masked:
+                ins = _Inserter(gm, add, blk.index, policy)
+                w = ins(aten._to_copy.default, ins(aten.view.default, run, [ins(aten.sym_size.int, run, 0), 1, 1]),
+                        dtype=P.val(branch).dtype)
+                add.replace_input_with(branch, ins(aten.mul.Tensor, branch, w))
+            else:
+                new_add, *_ = self._run_images(gm, blk, state, run, add, branch, policy)
+                blk.mlp_add = blk.x_out = new_add
+
+    def _run_images(self, gm, blk: BlockInfo, state: TokenState, run: fx.Node, add: fx.Node, branch: fx.Node, policy):
+        """Run the residual branch ``add = x + branch`` on the images whose gate ``run`` is on: its input is
+        gathered (``gate_rows``: images, or their packed rows) and its output added back by index."""
+        x = _skip_of(add, branch)
+        inside = set(blk.nodes)
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        readers = [u for u in x.users if u is not add and u in inside]
+        first = min(readers, key=order.__getitem__)
+        ins = _Inserter(gm, first, blk.index, policy)
+        rows, images, cu = ins.items(ins(tk.gate_rows.default, run, state.cu if state.packed else None, role="gate.rows"),
+                                     3, roles=("gate.rows", "gate.images", None))
+        dim = 1 if state.packed else 0
+        x_sel = ins(aten.index_select.default, x, dim, rows)
+        for u in readers:
+            u.replace_input_with(x, x_sel)
+        ins.anchor = add
+        new_add = ins(aten.index_add.default, x, dim, rows, branch)
+        new_add.meta["val"] = add.meta.get("val")
+        add.replace_all_uses_with(new_add)
+        gm.graph.erase_node(add)
+        return new_add, rows, images, cu
 
     def _attn_site(self, gm, info, blk, state, d) -> int:
         att = blk.attention
@@ -781,6 +909,11 @@ class RealizeTokens:
                 "after the last block, or reduce tokens only in models whose head reads prefix tokens or pools "
                 "over tokens")
 
+
+
+def _skip_of(add: fx.Node, branch: fx.Node) -> fx.Node:
+    """The skip operand of a residual ``add`` (the one that is not the branch)."""
+    return next(a for a in add.args[:2] if a is not branch)
 
 
 def _settle_layout(gm: fx.GraphModule, core: fx.Node, block: int) -> None:

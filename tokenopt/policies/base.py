@@ -50,6 +50,12 @@ class PolicyConfig:
         """Insert the decision nodes for ``ctx.block`` through ``ctx.call`` and return a Keep, a Merge or None."""
         raise NotImplementedError
 
+    def plan(self, depth: int, blocks: Sequence[int]) -> list[tuple[int, str, Callable]]:
+        """``(block, site, decide)`` for every decision this policy makes on a model of ``depth`` blocks,
+        given its chosen ``blocks`` (0-based): by default :meth:`decide` at :attr:`site` of each. A policy
+        that decides at several sites (AdaViT: gates before a block, tokens after one) overrides it."""
+        return [(b, self.site, self.decide) for b in sorted(set(blocks))]
+
     def default_mode(self) -> Optional[str]:
         """The execution form this config asks for, if any (``optimize(mode=...)`` overrides it)."""
         return None
@@ -122,16 +128,18 @@ class PlanDecisions:
         info = get_model_info(gm)
         n = len(info.blocks)
         cfg = self.config
-        if cfg.site not in SITES:
-            raise RewriteError(f"{cfg.name}: site must be one of {SITES}; got {cfg.site!r}")
         chosen = getattr(cfg, "blocks", None)
         chosen = list(cfg.default_blocks(n)) if chosen is None else [b if b >= 0 else n + b for b in chosen]
         bad = [b for b in chosen if not 0 <= b < n]
         if bad:
             raise RewriteError(f"{cfg.name}: blocks {bad} do not exist; the model has blocks 0..{n - 1}")
         plan = gm.meta.setdefault(META_PLAN, [])
-        for b in sorted(set(chosen)):
-            plan.append(PlannedDecision(b, cfg.site, cfg.name, functools.partial(cfg.decide), cfg.adaptive))
+        for b, site, decide in cfg.plan(n, chosen):
+            if site not in SITES:
+                raise RewriteError(f"{cfg.name}: site must be one of {SITES}; got {site!r}")
+            if not 0 <= b < n:
+                raise RewriteError(f"{cfg.name}: block {b} does not exist; the model has blocks 0..{n - 1}")
+            plan.append(PlannedDecision(b, site, cfg.name, functools.partial(decide), cfg.adaptive))
         return PassResult(gm, False)
 
 

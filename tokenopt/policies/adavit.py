@@ -1,0 +1,236 @@
+"""AdaViT (Meng et al., CVPR 2022): per image, learned gates choose which heads, sub-layers and tokens run.
+
+Facts from the authors' code (MengLcool/AdaViT, ``models/ada_transformer_block.py`` and
+``models/losses.py``), as summarised in ``shared/METHODS.md``: before each block a light decision
+network reads the block input's CLS token and gives one logit per attention head and one per residual
+sub-layer (attention, MLP); a per-token linear layer gives one logit per patch token. In training every
+gate is a hard Gumbel-sigmoid sample (temperature 5, threshold 0.5) with a straight-through gradient; at
+inference ``sigmoid(logit) > threshold``. Usage losses pull the mean use of heads, sub-layers and tokens
+to targets (``|mean - target|`` plus 0.1 times the same per head / per sub-layer, the "diverse" term;
+squared for tokens); the authors also subtract a small entropy bonus, which tokenopt leaves out.
+The released code multiplies skipped heads' weights and skipped blocks' outputs by zero: the work
+is still done.
+
+tokenopt's form:
+
+* gates (heads, attention, MLP) are a :class:`~tokenopt.ir.Gate` on the block input (site
+  ``pre_block``), from a LayerNorm and a linear layer on the CLS token (the mean token when the model
+  has none). Training (masked): each part's output is multiplied by its gate. Inference (padded or
+  packed): a sub-layer runs only on the images whose gate is on (``tokenopt::gate_rows`` gathers them,
+  their output is added back by index) and attention only on the (image, head) pairs that are on
+  (``tokenopt::head_attention``); one host read each (how many run).
+* tokens: at ``token_blocks`` (after the block) a LayerNorm and linear layer score each patch token;
+  a token whose gate is off leaves for good (tokenopt's choice: the authors' per-block token gates let a
+  token come back in a later block, which keeps every token in memory; a token that leaves the packed
+  buffer frees its work in every later block). Training: :class:`~tokenopt.ir.Mask` (the dropped tokens
+  are masked out of later attention); inference: an adaptive :class:`~tokenopt.ir.Keep` (packed).
+* the decision networks start with their gates on (bias +3, tokenopt's choice, so fine-tuning a trained
+  model starts from the model itself rather than from half of it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from tokenopt.ir import Gate, Keep, Mask
+from tokenopt.passes.realize import RewriteError
+from tokenopt.policies._checks import check_blocks
+from tokenopt.policies.base import PolicyConfig, register_policy
+
+__all__ = ["AdaViT", "GateNet", "adavit_losses"]
+
+aten = torch.ops.aten
+tk = torch.ops.tokenopt
+
+
+class GateNet(nn.Module):
+    """A decision network: LayerNorm and a linear layer, ``[..., C] -> [..., outputs]`` logits, with the
+    bias starting at ``init`` (gates on)."""
+
+    def __init__(self, dim: int, outputs: int, init: float = 3.0):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc = nn.Linear(dim, outputs)
+        nn.init.normal_(self.fc.weight, std=0.02)
+        nn.init.constant_(self.fc.bias, init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.norm(x))
+
+
+def _share(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"adavit: {name} must be a share in (0, 1]; got {value!r}. Example: {name}=0.7")
+    return float(value)
+
+
+@register_policy
+@dataclasses.dataclass(frozen=True)
+class AdaViT(PolicyConfig):
+    """Learned per-image use of heads, sub-layers and tokens.
+
+    Args:
+        heads, layers, tokens: which gates to learn (attention heads; the attention and MLP sub-layers;
+            patch tokens).
+        head_target, layer_target: the mean use of gated heads / sub-layers the usage loss pulls to.
+        token_target: the share of the current patch tokens each token stage keeps (compounding: stage
+            ``s`` targets ``token_target ** s`` of the model's patches).
+        blocks: the gated blocks (0-based); default every block but the first (AdaViT keeps its first
+            block whole).
+        token_blocks: token gates after these blocks; default ``round(depth * s / 4) - 1``, s = 1, 2, 3.
+        tau, threshold: Gumbel-sigmoid temperature (training) and the gate threshold (5.0 and 0.5).
+        usage_weight, diverse_weight: weights of the usage losses and of their per-gate ("diverse")
+            terms (AdaViT: 2.0 and 0.1).
+
+    Example:
+        >>> import tokenopt
+        >>> tokenopt.AdaViT().default_blocks(4)
+        [1, 2, 3]
+    """
+
+    heads: bool = True
+    layers: bool = True
+    tokens: bool = True
+    head_target: float = 0.7
+    layer_target: float = 0.8
+    token_target: float = 0.7
+    blocks: Optional[tuple[int, ...]] = None
+    token_blocks: Optional[tuple[int, ...]] = None
+    tau: float = 5.0
+    threshold: float = 0.5
+    usage_weight: float = 2.0
+    diverse_weight: float = 0.1
+    name = "adavit"
+    site = "pre_block"
+    adaptive = True
+    decides_differently_in_training = True
+
+    def __post_init__(self):
+        for field in ("heads", "layers", "tokens"):
+            if not isinstance(getattr(self, field), bool):
+                raise ValueError(f"adavit: {field} must be True or False; got {getattr(self, field)!r}")
+        if not (self.heads or self.layers or self.tokens):
+            raise ValueError("adavit: nothing to learn: heads, layers and tokens are all False")
+        for field in ("head_target", "layer_target", "token_target"):
+            object.__setattr__(self, field, _share(field, getattr(self, field)))
+        if not 0 < self.threshold < 1:
+            raise ValueError(f"adavit: threshold must be in (0, 1); got {self.threshold!r}")
+        for field in ("tau", "usage_weight", "diverse_weight"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 \
+                    or field == "tau" and value == 0:
+                raise ValueError(f"adavit: {field} must be a number {'> 0' if field == 'tau' else '>= 0'}; got {value!r}")
+        object.__setattr__(self, "blocks", check_blocks(self.name, self.blocks))
+        object.__setattr__(self, "token_blocks", check_blocks(self.name, self.token_blocks))
+
+    def default_blocks(self, depth):
+        return list(range(1, depth))
+
+    def default_token_blocks(self, depth):
+        return sorted({max(0, round(depth * s / 4) - 1) for s in (1, 2, 3)} - {depth - 1})
+
+    def default_mode(self):
+        return "packed"
+
+    def token_stages(self, depth: int) -> list[int]:
+        if not self.tokens:
+            return []
+        chosen = self.token_blocks if self.token_blocks is not None else self.default_token_blocks(depth)
+        return sorted({b if b >= 0 else depth + b for b in chosen})
+
+    def plan(self, depth, blocks):
+        gates = [(b, "pre_block", self.decide) for b in sorted(set(blocks))] if self.heads or self.layers else []
+        return gates + [(b, "post_block", self.decide_tokens) for b in self.token_stages(depth)]
+
+    # -- decisions ---------------------------------------------------------------------------------
+    def _sample(self, ctx, logits):
+        """Training: hard Gumbel-sigmoid gates (float, straight-through). Inference: ``sigmoid > threshold``."""
+        if ctx.training:
+            e1 = ctx.call(aten.exponential.default, ctx.call(aten.empty_like.default, logits))
+            e2 = ctx.call(aten.exponential.default, ctx.call(aten.empty_like.default, logits))
+            noise = ctx.call(aten.sub.Tensor, ctx.call(aten.log.default, e2), ctx.call(aten.log.default, e1))
+            return ctx.call(tk.gumbel_gate.default, logits, noise, float(self.tau), float(self.threshold))
+        return ctx.call(aten.gt.Scalar, logits, math.log(self.threshold / (1 - self.threshold)))
+
+    def decide(self, ctx):
+        """The gates of one block, from its input's CLS token (mean token without one)."""
+        if ctx.num_prefix:
+            summary = ctx.prefix_token(0)
+        else:
+            x, valid = ctx.dense_tokens()
+            summary = ctx.call(tk.weighted_mean.default, x, valid, None, 0, None)
+        h = ctx.block.attention.num_heads if self.heads else 0
+        net = ctx.module(f"gate{ctx.block.index}", lambda: GateNet(ctx.width, h + (2 if self.layers else 0)))
+        gates = self._sample(ctx, ctx.call_module(net, summary, role="gate.logits"))  # [B, H + 2]
+        heads = ctx.call(aten.slice.Tensor, gates, 1, 0, h, role="gate.heads") if h else None
+        attn = ctx.call(aten.select.int, gates, 1, h, role="gate.attn") if self.layers else None
+        mlp = ctx.call(aten.select.int, gates, 1, h + 1, role="gate.mlp") if self.layers else None
+        if ctx.training:
+            if heads is not None:
+                ctx.aux("heads", heads)
+            if self.layers:
+                ctx.aux("layers", ctx.call(aten.slice.Tensor, gates, 1, h, h + 2))
+        return Gate(heads=heads, attn=attn, mlp=mlp)
+
+    def decide_tokens(self, ctx):
+        """Token gates after the block: a token whose gate is off leaves."""
+        if ctx.block.index == ctx.depth - 1:
+            raise RewriteError(f"adavit: block {ctx.block.index} is the last block; no block runs after it on fewer "
+                               "tokens. Choose earlier token_blocks, e.g. token_blocks=(2, 5, 8)")
+        stage = self.token_stages(ctx.depth).index(ctx.block.index)
+        p = ctx.num_prefix
+        net = ctx.module(f"tokens{stage}", lambda: GateNet(ctx.width, 1))
+        x, valid = ctx.dense_tokens()
+        patches = ctx.call(aten.slice.Tensor, x, 1, p, None)
+        logits = ctx.call(aten.squeeze.dim, ctx.call_module(net, patches, role="tokens.score"), -1)  # [B, Np]
+        gate = self._sample(ctx, logits)
+        if ctx.training:
+            weights = ctx.token_weights()
+            if weights is not None:  # once dropped, dropped
+                gate = ctx.call(aten.mul.Tensor, gate, ctx.call(aten.slice.Tensor, weights, 1, p, None))
+            ctx.aux("tokens", gate)
+            if p:
+                ones = ctx.call(aten.new_ones.default, gate, [ctx.call(aten.sym_size.int, gate, 0), p])
+                gate = ctx.call(aten.cat.default, [ones, gate], 1)
+            return Mask(gate)
+        if valid is not None:
+            gate = ctx.call(aten.logical_and.default, gate, ctx.call(aten.slice.Tensor, valid, 1, p, None))
+        sel = ctx.call(tk.keep_select.default, gate, p, role="tokens.select")
+        idx, keep = ctx.call.items(sel, 2, roles=("tokens.idx", "tokens.valid"))
+        return Keep(idx, ctx.length, valid=keep)
+
+    def training_losses(self, aux: dict) -> dict:
+        return adavit_losses(self, list(aux.get("heads", ())), list(aux.get("layers", ())), list(aux.get("tokens", ())))
+
+
+def adavit_losses(config: AdaViT, heads: list, layers: list, tokens: list) -> dict[str, torch.Tensor]:
+    """AdaViT's usage losses (weighted by ``usage_weight``; ``diverse_weight`` on the per-gate terms):
+
+    * heads ``[B, H]`` per gated block: ``|mean use - head_target|`` over the blocks whose attention ran,
+      plus the same per (block, head);
+    * sub-layers ``[B, 2]``: ``|mean use - layer_target|`` plus the same per (block, sub-layer);
+    * tokens ``[B, Np]`` per stage ``s``: ``(mean kept share - token_target ** s) ** 2``.
+    """
+    losses: dict[str, torch.Tensor] = {}
+    w, dw = config.usage_weight, config.diverse_weight
+    if layers:
+        use = torch.stack([g.float() for g in layers], dim=1)  # [B, blocks, 2]
+        losses["layers"] = w * ((use.mean() - config.layer_target).abs()
+                                + dw * (use.mean(dim=0) - config.layer_target).abs().mean())
+    if heads:
+        use = torch.stack([g.float() for g in heads], dim=1)  # [B, blocks, H]
+        ran = (torch.stack([g[:, 0] for g in layers], dim=1).detach() > 0.5).float()[..., None].expand_as(use) \
+            if layers else torch.ones_like(use)
+        eps = 1e-6
+        mean = (use * ran).sum() / (ran.sum() + eps)
+        per = (use * ran).sum(dim=0) / (ran.sum(dim=0) + eps)
+        losses["heads"] = w * ((mean - config.head_target).abs() + dw * (per - config.head_target).abs().mean())
+    if tokens:
+        losses["tokens"] = w * sum((t.float().mean() - config.token_target ** (s + 1)) ** 2
+                                   for s, t in enumerate(tokens)) / len(tokens)
+    return losses
