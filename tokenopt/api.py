@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.fx as fx
+from torch.fx.passes.infra.pass_base import PassResult
 from torch.fx.passes.shape_prop import ShapeProp
 
 from tokenopt.capture import capture
 from tokenopt.explain import block_listing, block_stats, token_counts
-from tokenopt.ir import META_BLOCK, MODEL_INFO
+from tokenopt.ir import META_BLOCK, META_ROLE, MODEL_INFO, ModelInfo
 from tokenopt.module import OptimizedModule, carried_attributes, measure_min_batch, signature_of
 from tokenopt.passes import find_blocks
+from tokenopt.passes.find_blocks import BlocksNotRecognisedWarning, NoAttentionError
 from tokenopt.passes.fuse_kernels import FuseKernels, resolve_backend
 from tokenopt.passes.realize import MODES, RealizeTokens, RewriteError
 from tokenopt.pipeline import Pipeline, ShapeCheckError
@@ -114,6 +117,8 @@ def _build(gm: fx.GraphModule, config: PolicyConfig, build: dict, policy_state: 
     examples = gm.meta["tokenopt.example_inputs"]
     original = fx.GraphModule(gm, _copy_graph(gm.graph)) if build.get("keep_original") else None
     passes = [find_blocks, *config.passes()]
+    if len(passes) == 1:  # policy "none": a model whose blocks are not recognised still runs, as captured
+        passes = [_find_blocks_or_leave_alone]
     if len(passes) > 2:
         passes.append(RealizeTokens(build["mode"], dense=build["dense"], training=build.get("training", False),
                                     policy_state=policy_state))
@@ -126,11 +131,63 @@ def _build(gm: fx.GraphModule, config: PolicyConfig, build: dict, policy_state: 
     except ShapeCheckError as exc:
         raise _located_error(config, exc.node, exc.cause) from exc
     _check_on_example(gm, examples, config)
+    _warn_partial_coverage(gm, config)
     gm.meta["tokenopt.example_token_counts"] = token_counts(gm, *examples)
     gm.meta["tokenopt.policy"] = config
     gm.meta["tokenopt.pass_records"] = pipeline.records
     gm.meta["tokenopt.build"] = dict(build)
     return gm, original
+
+
+class PartialCoverageWarning(UserWarning):
+    """A reduction acts on fewer attention layers than the model has: the rest run as captured."""
+
+
+def _warn_partial_coverage(gm: fx.GraphModule, config: PolicyConfig) -> None:
+    """Say so when attention outside the recognised blocks runs unreduced, or the policy reduced nothing."""
+    if config.name == "none" or not gm.meta.get(MODEL_INFO) or not gm.meta[MODEL_INFO].blocks:
+        return
+    skipped = gm.meta.get("tokenopt.unrecognised_attention") or []
+    realized = gm.meta.get("tokenopt.counters", {}).get("realize_tokens", {})
+    notes = []
+    if skipped:
+        notes.append(f"attention in {', '.join(skipped[:4])}{' ...' if len(skipped) > 4 else ''} is not recognised as "
+                     "an attention block (its softmax is not a plain softmax(q k^T) feeding the product with the "
+                     "values, or there is no [B, N, C] residual around it); it runs as captured, unreduced")
+    if realized and realized.get("decisions", 0) == 0:
+        notes.append(f"{config!r} made no reduction in any block (budgets of 0, or nothing to act on)")
+    if notes:
+        gm.meta["tokenopt.coverage"] = notes
+        warnings.warn(PartialCoverageWarning("; ".join(notes)), stacklevel=3)
+
+
+def _find_blocks_or_leave_alone(gm: fx.GraphModule):
+    """find_blocks for ``policy="none"``: where it cannot describe the model's blocks, the captured graph is
+    kept as it is (it equals the model), with an empty ModelInfo and a warning naming what was not
+    recognised and why (so nothing later pretends to reduce it). A model with no attention at all (a CNN,
+    an MLP) is still refused: tokenopt has nothing to do there."""
+    try:
+        return find_blocks(gm)
+    except Exception as exc:
+        if isinstance(exc, NoAttentionError) and not exc.unrecognised:
+            raise
+        reason = str(exc) if getattr(exc, "user_error", False) else f"find_blocks failed: {type(exc).__name__}: {exc}"
+    for node in gm.graph.nodes:  # tags a failed analysis may have left
+        node.meta.pop(META_BLOCK, None)
+        node.meta.pop(META_ROLE, None)
+    image = next((n for n in gm.graph.nodes if n.op == "placeholder"), None)
+    gm.meta[MODEL_INFO] = ModelInfo(blocks=[], token_axis=1, num_prefix_tokens=0, num_patch_tokens=0,
+                                    head_readers=[], image_input=image)
+    gm.meta["tokenopt.not_recognised"] = reason
+    warnings.warn(BlocksNotRecognisedWarning(
+        f"{gm.meta.get('tokenopt.source', 'the model')}: optimize(policy='none') returns the captured graph "
+        f"unchanged (it equals the model), but no token reduction can apply to this model: {reason}"),
+        stacklevel=2)
+    return PassResult(gm, False)
+
+
+_find_blocks_or_leave_alone.pass_name = "find_blocks"
+_find_blocks_or_leave_alone.ensures = ("model_info",)
 
 
 def _copy_graph(graph: fx.Graph) -> fx.Graph:

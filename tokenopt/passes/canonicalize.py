@@ -17,7 +17,8 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from tokenopt.ir import META_BLOCK, META_ROLE, stamp
 from tokenopt.passes import patterns as P
-from tokenopt.passes.find_blocks import get_model_info
+from tokenopt.passes.find_blocks import _module_path, get_model_info
+from tokenopt.passes.realize import RewriteError
 
 __all__ = ["canonicalize_attention"]
 
@@ -26,13 +27,15 @@ def _trivial_masks(gm: fx.GraphModule, masks: set) -> set:
     """The masks among ``masks`` that change nothing: all True (bool) or all 0 (additive), and built
     without reading the image (Hugging Face builds an all-True ``[B, 1, N, N]`` mask from ``arange``).
 
-    They are evaluated once on the example inputs; a mask that depends on image values is never
-    called trivial, whatever its value on the example.
+    They are evaluated once on the example inputs; a mask that depends on image values, or on a
+    parameter or buffer (a relative-position table that is all zeros before training, or before
+    ``load_state_dict``), is never called trivial, whatever its value now.
     """
     from tokenopt.passes.find_blocks import image_dependent_nodes
 
     image_dependent = image_dependent_nodes(gm)
-    candidates = {m for m in masks if m not in image_dependent}
+    weights = {name for name, _ in gm.named_parameters()} | {name for name, _ in gm.named_buffers()}
+    candidates = {m for m in masks if m not in image_dependent and not _reads_weights(m, weights)}
     if not candidates or "tokenopt.example_inputs" not in gm.meta:
         return set()
     values: dict = {}
@@ -52,6 +55,21 @@ def _trivial_masks(gm: fx.GraphModule, masks: set) -> set:
     }
 
 
+def _reads_weights(node: fx.Node, weights: set) -> bool:
+    """Whether ``node``'s value is computed from a parameter or buffer of the graph (values a later
+    ``load_state_dict`` can change)."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "get_attr" and n.target in weights:
+            return True
+        stack.extend(n.all_input_nodes)
+    return False
+
+
 def canonicalize_attention(gm: fx.GraphModule) -> PassResult:
     """Replace every manual attention chain of the found blocks by one SDPA node, and drop attention
     masks that mask nothing.
@@ -59,7 +77,11 @@ def canonicalize_attention(gm: fx.GraphModule) -> PassResult:
     A chain whose intermediate results are used elsewhere (attention maps returned by the model, for
     instance) is left as it is; reduction passes then refuse that block with a message.
     """
+    before = len(gm.graph.nodes)
+    gm.graph.eliminate_dead_code()  # values export keeps but nothing uses (MultiheadAttention's mean weights)
+    dead = before - len(gm.graph.nodes)
     info = get_model_info(gm)
+    _check_layouts(info)
     trivial = _trivial_masks(gm, {b.attention.attn_mask for b in info.blocks if b.attention.attn_mask is not None})
     dropped, model_masks = 0, {blk.index: blk.attention.attn_mask for blk in info.blocks}
     for blk in info.blocks:
@@ -77,10 +99,17 @@ def canonicalize_attention(gm: fx.GraphModule) -> PassResult:
         chain = _chain(att.matmul_qk, att.core, model_masks[blk.index])
         if any(len(n.users) != 1 for n in chain[:-1]):
             continue
+        scores = P.match_scores(att.matmul_qk)[1]
         with gm.graph.inserting_before(att.core):
+            k = att.k
+            if scores.k_perm is not None:  # keys read in another layout: [..., N, D] for SDPA
+                k = gm.graph.call_function(torch.ops.aten.permute.default, (scores.k, list(scores.k_perm)))
+                k.meta["val"] = P.val(scores.k).permute(scores.k_perm)
+                stamp(k, block=blk.index)
+                k.meta[META_BLOCK] = blk.index
             sdpa = gm.graph.call_function(
                 torch.ops.aten.scaled_dot_product_attention.default,
-                (att.q, att.k, att.v),
+                (att.q, k, att.v),
                 {"attn_mask": att.attn_mask, "scale": att.scale} if att.attn_mask is not None else {"scale": att.scale},
             )
         sdpa.meta["val"] = att.core.meta.get("val")
@@ -94,22 +123,48 @@ def canonicalize_attention(gm: fx.GraphModule) -> PassResult:
         sdpa.meta[META_BLOCK] = blk.index
         done += 1
     gm.graph.eliminate_dead_code()
-    gm.meta.setdefault("tokenopt.counters", {})["canonicalize_attention"] = {"sdpa": done, "masks_dropped": dropped}
-    if done + dropped:  # model facts are re-derived from the rewritten graph, not patched
+    gm.meta.setdefault("tokenopt.counters", {})["canonicalize_attention"] = {
+        "sdpa": done, "masks_dropped": dropped, "dead_nodes": dead}
+    if done + dropped + dead:  # model facts are re-derived from the rewritten graph, not patched
         gm.recompile()
         from tokenopt.passes.find_blocks import find_blocks
 
         find_blocks(gm)
-    return PassResult(gm, done + dropped > 0)
+    return PassResult(gm, done + dropped + dead > 0)
 
 
 canonicalize_attention.requires = ("model_info",)
 canonicalize_attention.ensures = ("model_info",)
 
 
+def _check_layouts(info) -> None:
+    """Refuse, before any rewriting, attention that runs sequence-first (``[N, B, C]``) or with the heads
+    folded into the batch (``[B * H, N, D]``): ``nn.MultiheadAttention`` does both, and the token count
+    then hides in sizes such as ``N * B`` that no rewrite can tell apart from the batch."""
+    for blk in info.blocks:
+        att = blk.attention
+        nodes = [n for n in blk.nodes if P.val(n) is not None and P.rank(n) >= 2]
+        seq_first = next((n for n in nodes if isinstance(P.val(n).shape[0], int) and P.val(n).shape[0] == blk.tokens
+                          and not isinstance(P.val(n).shape[1], int)), None)
+        if seq_first is None and P.rank(att.q) == 4:
+            continue
+        how = (f"runs sequence-first ({seq_first.name} is [tokens, batch, ...])" if seq_first is not None
+               else f"folds its heads into the batch axis (q {att.q.name} is [batch * heads, tokens, head_dim])")
+        raise RewriteError(
+            f"block {blk.index} ({_module_path(att.core) or blk.module_path or 'unknown module'}): attention "
+            f"{att.core.name} {how}, as "
+            "nn.MultiheadAttention does; token reduction rewrites [B, N, C] token streams and [B, H, N, D] "
+            "attention only, since the token count would otherwise hide in sizes mixed with the batch. "
+            "Fix: policy='none' runs the model as captured; to reduce, compute this attention with "
+            "F.scaled_dot_product_attention on [B, H, N, D] tensors (timm's Attention, with the in_proj / "
+            "out_proj weights loaded into qkv / proj)."
+        )
+
+
 def _chain(start: fx.Node, end: fx.Node, mask) -> list[fx.Node]:
     """Nodes from ``start`` (q k^T) to ``end`` (attn @ v) along the logits path, in order."""
-    nodes, node = [end], end
+    nodes, node = [end], P.scores_input(end)
+    nodes.append(node)
     while node is not start:
         node = next(a for a in node.args if isinstance(a, fx.Node) and a is not mask)
         nodes.append(node)

@@ -40,19 +40,39 @@ from tokenopt.ir import (
 )
 from tokenopt.passes import patterns as P
 
-__all__ = ["NoAttentionError", "BlockStructureError", "find_blocks", "get_model_info"]
+__all__ = ["NoAttentionError", "BlockStructureError", "BlocksNotRecognisedWarning", "find_blocks", "get_model_info"]
+
+# what every refusal of find_blocks ends with: the way to run the model anyway, and what reductions need
+_FIX = ("policy='none' runs the model as captured (equal to it, no reduction); reductions need blocks "
+        "x = x + attn(norm(x)); x = x + mlp(norm(x)) on a [B, N, C] token stream, with attention as "
+        "F.scaled_dot_product_attention(q, k, v) or softmax(q @ k.transpose(-2, -1) * scale) @ v on "
+        "[B, heads, N, head_dim] tensors (timm's Attention is one)")
 
 
 class NoAttentionError(ValueError):
-    """The graph holds no attention block tokenopt can rewrite."""
+    """The graph holds no attention block tokenopt can rewrite.
+
+    Attributes:
+        unrecognised: module paths of softmax nodes that look like attention written in a form no
+            pattern matches (empty for a model with no softmax at all: a CNN or an MLP).
+    """
 
     user_error = True  # the pipeline passes it on as it is: it already names the model part and the fix
+
+    def __init__(self, message: str, unrecognised: tuple = ()):
+        super().__init__(message)
+        self.unrecognised = tuple(unrecognised)
 
 
 class BlockStructureError(ValueError):
     """Attention was found but the blocks around it do not have the residual structure expected."""
 
     user_error = True  # the pipeline passes it on as it is: it already names the model part and the fix
+
+
+class BlocksNotRecognisedWarning(UserWarning):
+    """``optimize(policy="none")`` on a model whose blocks find_blocks cannot describe: the captured graph
+    is returned unchanged (it equals the model) and no reduction can apply to it; the message says why."""
 
 
 def _dataflow(gm: fx.GraphModule, sources: list[fx.Node]) -> nx.DiGraph:
@@ -75,6 +95,16 @@ def _dataflow(gm: fx.GraphModule, sources: list[fx.Node]) -> nx.DiGraph:
     return g
 
 
+def _ratio(a, b) -> Optional[int]:
+    """``a / b`` for two (symbolic) sizes when it is a whole number (``3 * s0 / s0`` -> 3), else None."""
+    import sympy
+
+    ea = a.node.expr if isinstance(a, torch.SymInt) else sympy.Integer(int(a))
+    eb = b.node.expr if isinstance(b, torch.SymInt) else sympy.Integer(int(b))
+    r = sympy.simplify(ea / eb)
+    return int(r) if r.is_Integer and int(r) > 0 else None
+
+
 def _module_path(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     paths = [p for p, _cls in stack.values()] if stack else []
@@ -93,6 +123,7 @@ class _Finder:
         self.image = images[0] if images else placeholders[0]
         self.g = _dataflow(gm, placeholders)
         self._anc: dict[fx.Node, set] = {}
+        self.matched: dict[str, int] = {}  # attention pattern name -> cores it matched
 
     def ancestors(self, node: fx.Node) -> set:
         if node not in self._anc:
@@ -105,16 +136,18 @@ class _Finder:
         for node in self.gm.graph.nodes:
             if P.is_call(node, P.SDPA_OPS):
                 found.append(self._sdpa(node))
+                self.matched["sdpa"] = self.matched.get("sdpa", 0) + 1
             elif P.is_call(node, P.SOFTMAX_OPS):
                 info = self._manual(node)
                 if info is not None:
                     found.append(info)
         return found
 
-    @staticmethod
-    def _heads(q: fx.Node) -> tuple[int, int]:
+    def _heads(self, q: fx.Node) -> tuple[int, int]:
         shape = P.val(q).shape
         heads = int(shape[1]) if len(shape) == 4 else 1
+        if len(shape) == 3:  # [B * H, N, D], heads folded into the batch (nn.MultiheadAttention)
+            heads = _ratio(shape[0], P.val(self.image).shape[0]) or 1
         return heads, int(shape[-1])
 
     def _sdpa(self, node: fx.Node) -> AttentionInfo:
@@ -127,11 +160,16 @@ class _Finder:
         return AttentionInfo("sdpa", node, q, k, v, heads, head_dim, float(scale), attn_mask=mask)
 
     def _manual(self, softmax: fx.Node) -> Optional[AttentionInfo]:
+        """``output(probs(softmax(scale(scores(q, k)) [+ mask])), v)``, the scores and output read by the
+        declarative patterns of :mod:`tokenopt.passes.patterns` (``SCORE_PATTERNS``, ``OUTPUT_PATTERNS``).
+
+        Keys a pattern reads in another layout (``Scores.k_perm``) are recorded as the node they come
+        from; ``canonicalize_attention`` reads the pattern again and inserts the permute."""
         if P.norm_dim(softmax.args[1], P.rank(softmax)) != P.rank(softmax) - 1:
             return None
         scale, mask = 1.0, None
         up = softmax.args[0]
-        while isinstance(up, fx.Node) and not P.is_call(up, P.MATMUL_OPS):
+        while isinstance(up, fx.Node) and not P.is_call(up, P.MATMUL_OPS | P.EINSUM_OPS):
             scaled = P.scalar_operand(up) if P.is_call(up, P.MUL_OPS | P.DIV_OPS) else None
             if scaled is not None:
                 up, factor = scaled
@@ -145,30 +183,30 @@ class _Finder:
             else:
                 return None
         mm1 = up
-        if not isinstance(mm1, fx.Node):
+        found = P.match_scores(mm1)
+        if found is None:
             return None
-        q, kt = mm1.args[:2]
-        if not (isinstance(kt, fx.Node) and P.is_call(kt, P.TRANSPOSE_OPS) and P.swaps_last_two(kt)):
-            return None
-        k = kt.args[0]
+        q, k = found[1].q, found[1].k
         scaled = P.scalar_operand(q) if P.is_call(q, P.MUL_OPS | P.DIV_OPS) else None
         if scaled is not None:
             q, factor = scaled
             scale *= factor
         down = softmax
         while True:
-            users = list(down.users)
+            users = P.live_users(down)  # nn.MultiheadAttention's unused averaged weights do not count
             if len(users) != 1:
                 return None
             user = users[0]
             if P.is_call(user, P.IDENTITY_OPS):
                 down = user
                 continue
-            if P.is_call(user, P.MATMUL_OPS) and user.args[0] is down:
+            out = P.match_output(user, down)
+            if out is not None:
                 break
             return None
-        mm2 = users[0]
-        v = mm2.args[1]
+        mm2, v = user, out[1]
+        for name in (found[0].name, out[0].name):
+            self.matched[name] = self.matched.get(name, 0) + 1
         heads, head_dim = self._heads(q)
         return AttentionInfo(
             "manual", mm2, q, k, v, heads, head_dim, scale, softmax=softmax, attn_mask=mask, matmul_qk=mm1
@@ -210,7 +248,14 @@ def _layer_scale(branch: fx.Node) -> Optional[fx.Node]:
 
 
 def _prefix_tokens(finder: _Finder, x_in: fx.Node, tokens: int) -> tuple[int, Optional[fx.Node]]:
-    """Count the tokens concatenated in front of the image tokens before the first block."""
+    """Count the tokens concatenated in front of the image tokens before the first block.
+
+    The last ``cat`` on the token axis before block 0 builds the sequence; however its operands were
+    staged, the prefix is read through them: an operand that does not depend on the image (a CLS,
+    distillation or register token) is all prefix; a nested ``cat`` counts its own prefix; a slice on
+    the token axis of an image-dependent sequence keeps the prefix tokens it covers (Hugging Face
+    Dinov2-with-registers: ``cat([x[:, :1], registers, x[:, 1:]])`` after ``x = cat([cls, patches])``).
+    """
     cands = [
         n for n in finder.ancestors(x_in) | {x_in}
         if P.is_call(n, P.CAT_OPS) and P.rank(n) == 3
@@ -219,16 +264,34 @@ def _prefix_tokens(finder: _Finder, x_in: fx.Node, tokens: int) -> tuple[int, Op
     if not cands:
         return 0, None
     cat = max(cands, key=finder.order.__getitem__)
+    return _leading_prefix(finder, cat), cat
 
-    def count(node: fx.Node) -> int:
+
+def _leading_prefix(finder: _Finder, node: fx.Node) -> int:
+    """How many leading tokens (axis 1) of the image-dependent ``node`` are prefix tokens."""
+    if node is finder.image or node not in finder.g:
+        return 0
+    if P.is_call(node, P.CAT_OPS) and P.rank(node) == 3 and P.norm_dim(P.arg(node, 1, "dim", 0), 3) == 1:
         prefix = 0
         for part in node.args[0]:
-            if part is finder.image or part in finder.ancestors(node) and finder.image in finder.ancestors(part):
-                return prefix + (count(part) if P.is_call(part, P.CAT_OPS) else 0)
-            prefix += int(P.val(part).shape[1])
+            size = int(P.val(part).shape[1])
+            if part is finder.image or part in finder.g and finder.image in finder.ancestors(part):
+                inner = _leading_prefix(finder, part)
+                if inner < size:  # this operand holds image tokens: the prefix ends inside it
+                    return prefix + inner
+            prefix += size
         return prefix
-
-    return count(cat), cat
+    if P.is_call(node, P.SLICE_OPS) and P.rank(node) == 3 and P.norm_dim(node.args[1], 3) == 0:
+        return _leading_prefix(finder, node.args[0])  # x[:, ...] slices the batch axis whole
+    if P.is_call(node, P.SLICE_OPS) and P.rank(node) == 3 and P.norm_dim(node.args[1], 3) == 1:
+        src = node.args[0]
+        start = P.arg(node, 2, "start", 0) or 0
+        end = min(P.arg(node, 3, "end", P.INT64_MAX) or 0, int(P.val(src).shape[1]))
+        return max(0, min(end, _leading_prefix(finder, src)) - start)
+    if P.is_call(node, P.ROWWISE_OPS) and P.rank(node) == 3:  # + positions, dropout, norm: same tokens
+        srcs = [a for a in node.all_input_nodes if a in finder.g and P.rank(a) == 3]
+        return _leading_prefix(finder, srcs[0]) if len(srcs) == 1 else 0
+    return 0
 
 
 def _head_readers(finder: _Finder, x_out: fx.Node, pools: list[AttentionInfo] = ()) -> list[HeadReader]:
@@ -300,10 +363,20 @@ def find_blocks(gm: fx.GraphModule) -> PassResult:
     cores = finder.attention_cores()
     name = gm.meta.get("tokenopt.source", "the model")
     if not cores:
+        softmaxes = [n for n in gm.graph.nodes if P.is_call(n, P.SOFTMAX_OPS)]
+        where = sorted({_module_path(n) or "the top module" for n in softmaxes})
+        if softmaxes:
+            raise NoAttentionError(
+                f"no attention blocks recognised in {name}: its {len(softmaxes)} softmax node(s) (in "
+                f"{', '.join(where[:4])}{' ...' if len(where) > 4 else ''}) are not part of an attention "
+                "pattern tokenopt knows (scaled_dot_product_attention, or scores by matmul or einsum -> "
+                f"softmax -> matmul or einsum with the values). Fix: {_FIX}.",
+                unrecognised=where,
+            )
         raise NoAttentionError(
             f"no attention blocks found in {name}: none of its {len(gm.graph.nodes)} graph nodes is a "
-            "scaled_dot_product_attention or a matmul -> softmax -> matmul chain. tokenopt reduces "
-            "tokens in Vision Transformers; CNNs and MLPs have no tokens to reduce."
+            "scaled_dot_product_attention or a softmax (CNNs and MLPs have no tokens to reduce); "
+            "tokenopt reduces tokens in Vision Transformers."
         )
     residuals = finder.residual_adds()
     cores_set = {c.core for c in cores}
@@ -321,8 +394,9 @@ def find_blocks(gm: fx.GraphModule) -> PassResult:
         if attn_res is None:
             raise BlockStructureError(
                 f"attention node {att.core.name} ({_module_path(att.core) or 'unknown module'}) in {name} "
-                "has no residual add around it (x + attn(...)); tokenopt needs pre-norm or post-norm "
-                "residual blocks"
+                "has no residual add around it (x + attn(...)) on the [B, N, C] token stream (a skip that is "
+                "a slice or a pooled copy of the stream, or a stream kept as [B, H, W, C], is not one). "
+                f"Fix: {_FIX}."
             )
         attn_add, x_in, attn_branch = attn_res
         mlp_res = None
@@ -340,7 +414,7 @@ def find_blocks(gm: fx.GraphModule) -> PassResult:
             raise BlockStructureError(
                 f"attention node {att.core.name} ({_module_path(att.core) or 'unknown module'}) in {name} "
                 "is not followed by an MLP residual (x + mlp(norm(x))); parallel or MLP-free blocks are "
-                "not supported yet"
+                f"not supported yet. Fix: {_FIX}."
             )
         mlp_add, _skip, mlp_branch = mlp_res
         attn_nodes = (finder.ancestors(attn_add) - finder.ancestors(x_in)) - {x_in}
@@ -402,6 +476,13 @@ def find_blocks(gm: fx.GraphModule) -> PassResult:
         prefix_cat=cat,
     )
     gm.meta[MODEL_INFO] = info
+    gm.meta.setdefault("tokenopt.counters", {})["find_blocks"] = {"patterns": dict(finder.matched)}
+    # attention maps ([..., N, N]-like softmaxes) outside every block found: attention tokenopt leaves as
+    # it is (channel attention with a temperature, gated positional attention, ...); optimize warns
+    inside = {b.attention.softmax for b in info.blocks} | {n for b in info.blocks for n in b.nodes}
+    gm.meta["tokenopt.unrecognised_attention"] = sorted({
+        _module_path(n) or n.name for n in gm.graph.nodes
+        if P.is_call(n, P.SOFTMAX_OPS) and P.rank(n) >= 3 and n not in inside})
     return PassResult(gm, False)
 
 

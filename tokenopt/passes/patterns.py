@@ -7,7 +7,8 @@ or attribute names.
 from __future__ import annotations
 
 import operator
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import torch
 import torch.fx as fx
@@ -26,6 +27,7 @@ TRANSPOSE_OPS = {aten.transpose.int, aten.permute.default, aten.swapaxes.default
 # ops that leave a tensor's values (or the token axis) alone in eval mode
 IDENTITY_OPS = {
     aten.dropout.default,
+    aten.dropout_.default,  # F.dropout(..., inplace=True), off in eval (hand-written ViTs, older code)
     aten.clone.default,
     aten.contiguous.default,
     aten.alias.default,
@@ -55,6 +57,7 @@ SLICE_OPS = {aten.slice.Tensor}
 SELECT_OPS = {aten.select.int}
 MEAN_OPS = {aten.mean.dim}
 CAT_OPS = {aten.cat.default}
+EINSUM_OPS = {aten.einsum.default}
 INT64_MAX = 9223372036854775807
 
 
@@ -123,3 +126,160 @@ def set_sdpa_mask(sdpa: fx.Node, mask: Any) -> None:
         sdpa.update_arg(3, mask)
     else:
         sdpa.update_kwarg("attn_mask", mask)
+
+
+# -- attention patterns ----------------------------------------------------------------------------
+#
+# A manual attention core is ``output(probs(softmax(scale(scores(q, k)) [+ mask])), v)``. ``find_blocks``
+# walks up from each softmax to a *scores* node and down to an *output* node; each way models write
+# those two nodes is one entry below (matched in order, first match wins). Between softmax and output
+# only ``IDENTITY_OPS`` may stand (dropout, dtype casts); users of the softmax whose results are never
+# used (dead code export keeps) do not count.
+
+
+@dataclass(frozen=True)
+class Scores:
+    """What a scores pattern read from ``q k^T``: the query ``[..., N, D]`` and the keys.
+
+    ``k`` is the keys as ``[..., N, D]`` when the graph holds them so; else ``k`` is the node that
+    ``permute(k, k_perm)`` turns into ``[..., N, D]`` (``canonicalize_attention`` inserts that permute).
+    """
+
+    q: fx.Node
+    k: fx.Node
+    k_perm: Optional[tuple] = None
+
+
+@dataclass(frozen=True)
+class AttentionPattern:
+    """One way a model writes the scores or the output of attention: a name, the model families that
+    need it (documentation and test ids), the ATen ops it starts from, and the check that reads it."""
+
+    name: str
+    used_by: str
+    ops: frozenset
+    read: Callable[[fx.Node], Any]
+
+
+def _einsum_parts(node: fx.Node) -> Optional[tuple[str, str, str, str, list]]:
+    """``einsum("<p>ab,<p>cd-><p>ef", x, y)`` -> (p, "ab", "cd", "ef", [x, y]) for two 2-letter tails."""
+    eq, ops = node.args[0], node.args[1]
+    if not isinstance(eq, str) or "->" not in eq or len(ops) != 2:
+        return None
+    lhs, out = eq.replace(" ", "").split("->")
+    if lhs.count(",") != 1:
+        return None
+    a, b = lhs.split(",")
+    if min(len(a), len(b), len(out)) < 2 or not (a[:-2] == b[:-2] == out[:-2]):
+        return None
+    return a[:-2], a[-2:], b[-2:], out[-2:], list(ops)
+
+
+def _scores_matmul_transposed(node: fx.Node) -> Optional[Scores]:
+    q, kt = node.args[:2]
+    if is_call(kt, TRANSPOSE_OPS) and swaps_last_two(kt):
+        return Scores(q, kt.args[0])
+    return None
+
+
+def _scores_matmul_permuted(node: fx.Node) -> Optional[Scores]:
+    q, kt = node.args[:2]
+    if not (is_call(kt, {aten.permute.default}) and rank(kt) == rank(q) >= 3):
+        return None
+    nd = rank(kt)
+    perm = [norm_dim(p, nd) for p in kt.args[1]]
+    k_perm = tuple(perm[:-2] + [perm[-1], perm[-2]])  # permute(k, k_perm) is kt with its last two swapped
+    if k_perm == tuple(range(nd)):
+        return None  # a plain swap of the last two: the pattern above
+    return Scores(q, kt.args[0], k_perm)
+
+
+def _scores_einsum(node: fx.Node) -> Optional[Scores]:
+    parts = _einsum_parts(node)
+    if parts is None:
+        return None
+    _p, (i, d), kk, (i2, j), (q, k) = parts
+    if len({i, d, j}) != 3 or i2 != i:
+        return None
+    if kk == j + d:  # "...id,...jd->...ij": keys as [..., N, D]
+        return Scores(q, k)
+    if kk == d + j:  # "...id,...dj->...ij": keys already transposed
+        nd = rank(k)
+        return Scores(q, k, tuple(range(nd - 2)) + (nd - 1, nd - 2))
+    return None
+
+
+SCORE_PATTERNS = (
+    # q @ k.transpose(-2, -1) (or a permute swapping the last two): timm Attention with
+    # fused_attn=False, Hugging Face "eager" attention, vit-pytorch ViT; as bmm on [B*H, N, D]:
+    # nn.MultiheadAttention with need_weights=True (CLIP, open_clip)
+    AttentionPattern("matmul(q, k^T)", "timm (fused_attn=False), Hugging Face eager, vit-pytorch, "
+                     "nn.MultiheadAttention", frozenset(MATMUL_OPS), _scores_matmul_transposed),
+    # q @ k.permute(0, 2, 3, 1): keys split as [B, N, H, D] and laid out [B, H, D, N] in one permute
+    # (hand-written ViTs)
+    AttentionPattern("matmul(q, permute(k))", "hand-written ViTs", frozenset(MATMUL_OPS),
+                     _scores_matmul_permuted),
+    # einsum("b h i d, b h j d -> b h i j", q, k): vit-pytorch's CaiT, CrossViT, DeepViT and other
+    # einops-style code
+    AttentionPattern("einsum(q, k)", "vit-pytorch (CaiT, CrossViT, DeepViT, ...)", frozenset(EINSUM_OPS),
+                     _scores_einsum),
+)
+
+
+def _output_matmul(node: fx.Node, probs: fx.Node) -> Optional[fx.Node]:
+    return node.args[1] if node.args[0] is probs else None
+
+
+def _output_einsum(node: fx.Node, probs: fx.Node) -> Optional[fx.Node]:
+    parts = _einsum_parts(node)
+    if parts is None:
+        return None
+    _p, (i, j), (j2, d), out, (a, v) = parts
+    return v if a is probs and j2 == j and out == i + d and len({i, j, d}) == 3 else None
+
+
+OUTPUT_PATTERNS = (
+    # probs @ v: timm, Hugging Face, vit-pytorch ViT; bmm: nn.MultiheadAttention
+    AttentionPattern("matmul(probs, v)", "timm, Hugging Face, vit-pytorch, nn.MultiheadAttention",
+                     frozenset(MATMUL_OPS), _output_matmul),
+    # einsum("b h i j, b h j d -> b h i d", probs, v): vit-pytorch's einops-style attention
+    AttentionPattern("einsum(probs, v)", "vit-pytorch (CaiT, CrossViT, DeepViT, ...)", frozenset(EINSUM_OPS),
+                     _output_einsum),
+)
+
+
+def match_scores(node: Any) -> Optional[tuple[AttentionPattern, Scores]]:
+    """The first of ``SCORE_PATTERNS`` that reads ``node`` as ``q k^T``, with what it read."""
+    for pat in SCORE_PATTERNS:
+        if is_call(node, pat.ops):
+            found = pat.read(node)
+            if found is not None:
+                return pat, found
+    return None
+
+
+def match_output(node: Any, probs: fx.Node) -> Optional[tuple[AttentionPattern, fx.Node]]:
+    """The first of ``OUTPUT_PATTERNS`` that reads ``node`` as ``probs @ v``, with ``v``."""
+    for pat in OUTPUT_PATTERNS:
+        if is_call(node, pat.ops):
+            v = pat.read(node, probs)
+            if isinstance(v, fx.Node):
+                return pat, v
+    return None
+
+
+def scores_input(node: fx.Node) -> Any:
+    """The logits operand of an attention output node (``probs`` of ``probs @ v``)."""
+    return node.args[1][0] if is_call(node, EINSUM_OPS) else node.args[0]
+
+
+def is_dead(node: fx.Node) -> bool:
+    """Whether nothing ``node`` computes is ever used: no users, or only dead ones, and no side effects
+    (``nn.MultiheadAttention`` averages its attention weights even when the caller drops them)."""
+    if node.op != "call_function" or node.is_impure():
+        return False
+    return all(is_dead(u) for u in node.users)
+
+
+def live_users(node: fx.Node) -> list[fx.Node]:
+    return [u for u in node.users if not is_dead(u)]

@@ -1,0 +1,415 @@
+"""The long tail of ViTs a user brings (issue 16): attention layouts, block shapes, parameter-derived
+masks and prefix tokens built in several steps.
+
+Each model is hand-written here (random weights): conv patch embedding, a CLS token, learned positions,
+pre-norm blocks and a head reading the CLS token; only the part under test differs. ``policy="none"``
+must equal the model; reductions run and equal the eager reference of their algorithm
+(:func:`tests.reference_models.run_blocks`) or are refused with a message naming the model part.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from rich.console import Console
+
+import tokenopt
+from tests.reference_models import Block, Policy, run_blocks
+from tokenopt.passes.find_blocks import BlocksNotRecognisedWarning
+
+DIM, HEADS, DEPTH, IMG, PATCH = 48, 3, 3, 32, 8
+PATCHES = (IMG // PATCH) ** 2
+
+
+class LayoutAttention(nn.Module):
+    """Multi-head self-attention over ``[B, N, C]`` written in one of several ways (``layout``):
+
+    * ``"einsum"``: scores and output by ``torch.einsum``;
+    * ``"dropout_inplace"``: ``F.dropout(..., inplace=True)`` between softmax and ``@ v``;
+    * ``"permute_k"``: keys laid out ``[B, H, D, N]`` by one ``permute`` of ``[B, N, H, D]``;
+    * ``"permute_k_bhnd"``: keys ``[B, H, N, D]`` swapped by ``permute(0, 1, 3, 2)``.
+    """
+
+    def __init__(self, layout: str):
+        super().__init__()
+        self.layout, self.dh = layout, DIM // HEADS
+        self.scale = self.dh ** -0.5
+        self.qkv, self.proj = nn.Linear(DIM, 3 * DIM), nn.Linear(DIM, DIM)
+
+    def heads(self, x):
+        b, n, _ = x.shape
+        return self.qkv(x).reshape(b, n, 3, HEADS, self.dh).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        if self.layout == "permute_k":
+            q, k, v = self.qkv(x).reshape(b, n, 3, HEADS, self.dh).unbind(2)  # each [B, N, H, D]
+            attn = (q.permute(0, 2, 1, 3) @ k.permute(0, 2, 3, 1)) * self.scale
+            o = attn.softmax(-1) @ v.permute(0, 2, 1, 3)
+        else:
+            q, k, v = self.heads(x)
+            if self.layout == "einsum":
+                attn = torch.einsum("bhnd,bhmd->bhnm", q, k) * self.scale
+                o = torch.einsum("bhnm,bhmd->bhnd", attn.softmax(dim=-1), v)
+            elif self.layout == "dropout_inplace":
+                attn = (q * self.scale) @ k.transpose(-2, -1)
+                attn = F.dropout(attn.softmax(-1), 0.1, training=self.training, inplace=True)
+                o = attn @ v
+            elif self.layout == "permute_k_bhnd":
+                o = ((q @ k.permute(0, 1, 3, 2)) * self.scale).softmax(-1) @ v
+            else:
+                raise ValueError(self.layout)
+        return self.proj(o.transpose(1, 2).reshape(b, n, c))
+
+
+class MHAAttention(nn.Module):
+    """``nn.MultiheadAttention`` as CLIP-style models call it: ``need_weights`` left at its default
+    (True), so the attention weights are averaged over heads and returned, then dropped by the caller."""
+
+    def __init__(self, need_weights: bool = True):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(DIM, HEADS, batch_first=True)
+        self.need_weights = need_weights
+
+    def forward(self, x):
+        return self.mha(x, x, x, need_weights=self.need_weights)[0]
+
+
+class Blk(nn.Module):
+    def __init__(self, attn: nn.Module):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(DIM), nn.LayerNorm(DIM)
+        self.attn = attn
+        self.mlp = nn.Sequential(nn.Linear(DIM, 2 * DIM), nn.GELU(), nn.Linear(2 * DIM, DIM))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class TinyViT(nn.Module):
+    """Conv patch embedding, CLS token, learned positions, pre-norm blocks, CLS head."""
+
+    def __init__(self, make_attn, depth: int = DEPTH, classes: int = 5):
+        super().__init__()
+        self.patch = nn.Conv2d(3, DIM, PATCH, PATCH)
+        self.cls = nn.Parameter(torch.randn(1, 1, DIM))
+        self.pos = nn.Parameter(torch.randn(1, PATCHES + 1, DIM) * 0.5)
+        self.blocks = nn.ModuleList(Blk(make_attn()) for _ in range(depth))
+        self.norm = nn.LayerNorm(DIM)
+        self.head = nn.Linear(DIM, classes)
+
+    def embed(self, img):
+        x = self.patch(img).flatten(2).transpose(1, 2)
+        return torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1) + self.pos
+
+    def forward(self, img):
+        x = self.embed(img)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(self.norm(x)[:, 0])
+
+
+def _mha_qkv(mha: nn.MultiheadAttention):
+    def qkv(h):
+        b, n, c = h.shape
+        q, k, v = F.linear(h, mha.in_proj_weight, mha.in_proj_bias).chunk(3, -1)
+        return tuple(t.reshape(b, n, HEADS, c // HEADS).transpose(1, 2) for t in (q, k, v))
+    return qkv
+
+
+def reference(model: TinyViT, img, pol: Policy):
+    """The model run block by block with ``pol`` applied (tests/reference_models.run_blocks)."""
+    ident = lambda t: t  # noqa: E731
+    blocks = []
+    for blk in model.blocks:
+        att = blk.attn
+        if isinstance(att, MHAAttention):
+            qkv, proj = _mha_qkv(att.mha), att.mha.out_proj
+        else:
+            qkv, proj = att.heads, att.proj
+        blocks.append(Block(blk.norm1, qkv, (DIM // HEADS) ** -0.5, proj, ident, blk.norm2, blk.mlp, ident))
+    x, _valid, _size, counts = run_blocks(blocks, model.embed(img), getattr(model, "num_prefix", 1), pol)
+    return model.head(model.norm(x)[:, 0]), counts
+
+
+LAYOUTS = {
+    # nn.MultiheadAttention's default need_weights=True (CLIP, open_clip, many hand-written ViTs)
+    "mha_need_weights": lambda: MHAAttention(need_weights=True),
+    "mha_no_weights": lambda: MHAAttention(need_weights=False),
+    "einsum": lambda: LayoutAttention("einsum"),
+    "dropout_inplace": lambda: LayoutAttention("dropout_inplace"),
+    "permute_k": lambda: LayoutAttention("permute_k"),
+    "permute_k_bhnd": lambda: LayoutAttention("permute_k_bhnd"),
+}
+
+
+def optimize(model, **options):
+    return tokenopt.optimize(model, example_inputs=(torch.randn(2, 3, IMG, IMG),), **options)
+
+
+def _model(layout: str) -> TinyViT:
+    torch.manual_seed(0)
+    return TinyViT(LAYOUTS[layout]).eval()
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_layout_none_equals_eager_and_blocks_are_found(layout):
+    model = _model(layout)
+    x = torch.randn(3, 3, IMG, IMG)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # recognised: no "left alone" warning
+        gm = optimize(model, policy="none")
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x))
+    info = tokenopt.get_model_info(gm)
+    assert len(info.blocks) == DEPTH and info.num_prefix_tokens == 1 and info.num_patch_tokens == PATCHES
+    assert [b.attention.num_heads for b in info.blocks] == [HEADS] * DEPTH
+    assert gm.meta["tokenopt.counters"]["find_blocks"]["patterns"] == {p: DEPTH for p in PATTERNS[layout]}
+
+
+# the patterns of tokenopt.passes.patterns each layout must match, once per block
+PATTERNS = {
+    "mha_need_weights": ("matmul(q, k^T)", "matmul(probs, v)"),
+    "mha_no_weights": ("sdpa",),
+    "einsum": ("einsum(q, k)", "einsum(probs, v)"),
+    "dropout_inplace": ("matmul(q, k^T)", "matmul(probs, v)"),
+    "permute_k": ("matmul(q, permute(k))", "matmul(probs, v)"),
+    "permute_k_bhnd": ("matmul(q, k^T)", "matmul(probs, v)"),
+}
+
+
+POLICIES = {
+    "topk": (dict(policy="topk", keep_rate=0.5, blocks=(1,)), Policy("topk", (1,), keep_rate=0.5)),
+    "tome": (dict(policy="tome", r=4), Policy("tome", tuple(range(DEPTH)), r=4)),
+}
+
+
+# nn.MultiheadAttention runs sequence-first with the heads folded into the batch: refused, with the way out
+REFUSED = {"mha_need_weights", "mha_no_weights"}
+
+
+@pytest.mark.parametrize("key", sorted(POLICIES))
+@pytest.mark.parametrize("layout", sorted(set(LAYOUTS) - REFUSED))
+def test_layout_reductions_equal_the_eager_reference(layout, key):
+    model = _model(layout)
+    options, pol = POLICIES[key]
+    gm = optimize(model, **options)
+    x = torch.randn(3, 3, IMG, IMG)
+    with torch.no_grad():
+        expected, ref_counts = reference(model, x, pol)
+        torch.testing.assert_close(gm(x), expected, atol=2e-5, rtol=1e-4)
+    counts = tokenopt.token_counts(gm, x)
+    assert {b: c.tolist() for b, c in counts.items()} == {b: c.tolist() for b, c in ref_counts.items()}
+    assert counts[DEPTH - 1].tolist() != [PATCHES + 1] * 3  # something was reduced
+    # every manual chain became one SDPA node (the pattern matched in each block)
+    assert gm.meta["tokenopt.counters"]["canonicalize_attention"]["sdpa"] == DEPTH
+
+
+@pytest.mark.parametrize("key", sorted(POLICIES))
+@pytest.mark.parametrize("layout", sorted(REFUSED))
+def test_multihead_attention_reductions_are_refused_with_the_way_out(layout, key):
+    options, _pol = POLICIES[key]
+    with pytest.raises(tokenopt.passes.RewriteError,
+                       match=r"block 0 \(blocks\.0\.attn\.mha\): attention \w+ runs sequence-first.*"
+                             r"nn\.MultiheadAttention.*Fix: policy='none' runs the model as captured"):
+        optimize(_model(layout), **options)
+
+
+# -- item: policy="none" on models whose blocks are not recognised ------------------------------------
+
+
+class TalkingHeadsAttention(LayoutAttention):
+    """Heads mixed by a learned [H, H] matrix before and after the softmax (talking-heads attention,
+    CaiT's ``TalkingHeadAttn``): no attention pattern of tokenopt describes it."""
+
+    def __init__(self):
+        super().__init__("talking_heads")
+        self.pre, self.post = nn.Linear(HEADS, HEADS), nn.Linear(HEADS, HEADS)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.heads(x)
+        attn = self.pre(((q * self.scale) @ k.transpose(-2, -1)).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        attn = self.post(attn.softmax(-1).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+
+
+class NoSkipBlk(Blk):
+    """Attention with no residual around it (x = attn(norm(x))): not a block find_blocks can describe."""
+
+    def forward(self, x):
+        x = self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+UNRECOGNISED = {
+    # (model builder, what the warning and the refusal must say)
+    "talking_heads": (lambda: TinyViT(TalkingHeadsAttention),
+                      r"no attention blocks recognised.*blocks\.0\.attn, blocks\.1\.attn.*not part of an attention pattern"),
+    "no_residual": (lambda: _no_skip_vit(),
+                    r"attention node \w+ \(blocks\.0\.attn\).*has no residual add around it"),
+}
+
+
+def _no_skip_vit():
+    model = TinyViT(lambda: LayoutAttention("permute_k_bhnd"))
+    model.blocks = nn.ModuleList(NoSkipBlk(LayoutAttention("permute_k_bhnd")) for _ in range(DEPTH))
+    return model
+
+
+@pytest.mark.parametrize("name", sorted(UNRECOGNISED))
+def test_none_returns_an_unrecognised_model_as_captured_with_a_warning(name):
+    build, says = UNRECOGNISED[name]
+    torch.manual_seed(0)
+    model = build().eval()
+    with pytest.warns(BlocksNotRecognisedWarning,
+                      match=r"returns the captured graph unchanged.*no token reduction can apply.*" + says):
+        gm = optimize(model, policy="none")
+    x = torch.randn(3, 3, IMG, IMG)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x))
+    assert tokenopt.get_model_info(gm).blocks == [] and tokenopt.token_counts(gm, x) == {}
+    assert "Fix:" in gm.meta["tokenopt.not_recognised"]
+    text = tokenopt.explain(gm, console=Console(file=io.StringIO(), width=200))  # inspection still works
+    assert "rest" in text
+    assert not any("tokenopt.block" in n.meta for n in gm.graph.nodes)
+
+
+@pytest.mark.parametrize("policy", ["topk", "tome"])
+@pytest.mark.parametrize("name", sorted(UNRECOGNISED))
+def test_reductions_on_an_unrecognised_model_are_refused_with_part_reason_and_fix(name, policy):
+    build, says = UNRECOGNISED[name]
+    with pytest.raises((tokenopt.NoAttentionError, tokenopt.BlockStructureError),
+                       match=says + r".*Fix: policy='none' runs the model as captured"):
+        optimize(build().eval(), policy=policy)
+
+
+# -- item: masks and tables derived from parameters are not specialised to their values ----------------
+
+
+class RelPosAttention(LayoutAttention):
+    """Manual attention plus a relative-position bias gathered from a learned ``[(2S-1)^2, H]`` table
+    (Swin / BEiT style), zero at initialisation as those models initialise it before training."""
+
+    def __init__(self):
+        super().__init__("relpos")
+        side = IMG // PATCH
+        self.table = nn.Parameter(torch.zeros((2 * side - 1) ** 2, HEADS))
+        yy, xx = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+        pos = torch.stack([yy.flatten(), xx.flatten()])  # [2, P]
+        rel = (pos[:, :, None] - pos[:, None, :]).permute(1, 2, 0) + side - 1  # [P, P, 2]
+        self.register_buffer("index", rel[..., 0] * (2 * side - 1) + rel[..., 1], persistent=False)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.heads(x)
+        bias = F.pad(self.table[self.index].permute(2, 0, 1), (1, 0, 1, 0))  # [H, N, N], CLS unbiased
+        attn = ((q @ k.transpose(-2, -1)) * self.scale + bias).softmax(-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+
+
+def test_a_zero_relative_position_table_is_still_applied_after_loading_other_values():
+    torch.manual_seed(0)
+    model = TinyViT(RelPosAttention).eval()
+    # top-k after the last block's attention: the CLS head does not see which tokens the MLP skipped,
+    # so the reduced graph must equal the eager model exactly, table included
+    gm = optimize(model, policy="topk", keep_rate=0.5, blocks=(DEPTH - 1,))
+    assert gm.meta["tokenopt.counters"]["canonicalize_attention"]["masks_dropped"] == 0
+    x = torch.randn(3, 3, IMG, IMG)
+    with torch.no_grad():
+        before = model(x)
+        for blk in model.blocks:
+            blk.attn.table.normal_(0, 2)
+        after = model(x)
+        assert (after - before).abs().max() > 1e-2  # the table matters
+        gm.load_state_dict(model.state_dict())
+        torch.testing.assert_close(gm(x), after)
+    assert tokenopt.token_counts(gm, x)[DEPTH - 1].tolist() == [1 + PATCHES // 2] * 3
+
+
+# -- item: prefix tokens concatenated in two steps ---------------------------------------------------
+
+REGISTERS = 4
+
+
+class TwoStepRegisterViT(TinyViT):
+    """CLS and patches concatenated and positioned first, registers inserted after the CLS token in a
+    second ``cat`` (Hugging Face Dinov2-with-registers builds its sequence so)."""
+
+    num_prefix = 1 + REGISTERS
+
+    def __init__(self):
+        super().__init__(lambda: LayoutAttention("permute_k_bhnd"))
+        self.registers = nn.Parameter(torch.randn(1, REGISTERS, DIM))
+
+    def embed(self, img):
+        x = super().embed(img)
+        return torch.cat([x[:, :1], self.registers.expand(x.shape[0], -1, -1), x[:, 1:]], dim=1)
+
+
+def test_prefix_tokens_built_in_two_steps_are_all_counted():
+    torch.manual_seed(0)
+    model = TwoStepRegisterViT().eval()
+    x = torch.randn(3, 3, IMG, IMG)
+    none = optimize(model, policy="none")
+    info = tokenopt.get_model_info(none)
+    assert (info.num_prefix_tokens, info.num_patch_tokens) == (1 + REGISTERS, PATCHES)
+    assert [(r.kind, r.index) for r in info.head_readers] == [("token", 0)]
+    options, pol = POLICIES["topk"]
+    gm = optimize(model, **options)
+    with torch.no_grad():
+        torch.testing.assert_close(none(x), model(x))
+        expected, ref_counts = reference(model, x, pol)
+        torch.testing.assert_close(gm(x), expected, atol=2e-5, rtol=1e-4)
+    assert tokenopt.token_counts(gm, x)[1].tolist() == ref_counts[1].tolist() == [1 + REGISTERS + PATCHES // 2] * 3
+
+
+def test_hugging_face_dinov2_with_registers_counts_cls_and_registers():
+    import transformers
+
+    cfg = transformers.Dinov2WithRegistersConfig(
+        hidden_size=DIM, num_hidden_layers=2, num_attention_heads=HEADS, intermediate_size=2 * DIM,
+        image_size=IMG, patch_size=PATCH, num_register_tokens=REGISTERS)
+    torch.manual_seed(0)
+    model = transformers.Dinov2WithRegistersModel(cfg).eval()
+    gm = optimize(model, policy="none")
+    info = tokenopt.get_model_info(gm)
+    assert (info.num_prefix_tokens, info.num_patch_tokens) == (1 + REGISTERS, PATCHES)
+    x = torch.randn(2, 3, IMG, IMG)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x).last_hidden_state, model(x).last_hidden_state)
+
+
+def test_partial_coverage_is_reported_by_optimize_and_explain():
+    """ConViT: its first blocks use gated positional attention (the softmax is mixed with a positional
+    one), which is no attention block tokenopt recognises; the later plain blocks are reduced, and
+    optimize says which attention it left alone."""
+    import io
+    import warnings
+
+    import timm
+    from rich.console import Console
+
+    from tokenopt.api import PartialCoverageWarning
+
+    torch.manual_seed(0)
+    model = timm.create_model("convit_tiny", img_size=64, patch_size=8, depth=4, local_up_to_layer=2,
+                              num_classes=5).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with pytest.warns(PartialCoverageWarning, match=r"attention in blocks\.0\.attn, blocks\.1\.attn is not recognised"):
+        gm = tokenopt.optimize(model, policy="tome", r=4, example_inputs=(x,))
+    assert [b.index for b in gm.meta["tokenopt.model_info"].blocks] == [0, 1]  # the two plain blocks
+    assert [c.tolist() for c in tokenopt.token_counts(gm, x).values()] == [[61, 61], [57, 57]]
+    text = tokenopt.explain(gm, console=Console(file=io.StringIO(), width=250))
+    assert "note: attention in blocks.0.attn" in text
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # policy none: nothing to warn about, and it equals the model
+        same = tokenopt.optimize(model, policy="none", example_inputs=(x,))
+    with torch.no_grad():
+        torch.testing.assert_close(same(x), model(x))
