@@ -17,14 +17,7 @@ from tokenopt.flops import count_flops
 GATED, STAGES = (1, 2, 3), (1,)
 
 
-@pytest.fixture(scope="module")
-def vit():
-    torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", depth=4, img_size=64, patch_size=8, num_classes=5).eval()
-
-
-def _embed(model, img):
-    return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(img))))
+from tests.test_learned import _embed, vit  # noqa: F401  (the same tiny ViT fixture)
 
 
 def _net(net, x):

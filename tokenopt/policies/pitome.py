@@ -27,7 +27,6 @@ from typing import Optional, Union
 import torch
 
 from tokenopt.ir import Merge
-from tokenopt.passes.realize import RewriteError
 from tokenopt.policies._checks import check_blocks
 from tokenopt.policies.base import PolicyConfig, register_policy
 from tokenopt.policies.tome import ToMe
@@ -76,13 +75,7 @@ class PiToMe(PolicyConfig):
     def decide(self, ctx):
         """Energy of every patch token on the head-averaged keys; the ``2 r`` highest merge A into B."""
         b = ctx.block.index
-        if isinstance(self.r, int):
-            r = self.r
-        elif b < len(self.r):
-            r = self.r[b]
-        else:
-            raise RewriteError(f"PiToMe r lists {len(self.r)} values but the model has more blocks (block {b}); "
-                               "give one value per block or a single int")
+        r = ToMe.block_r(self, b)
         ctx.require_dense("energy-guided matching")
         p, active = ctx.num_prefix, ctx.tokens
         r = min(r, (active - p) // 2)

@@ -57,16 +57,18 @@ class ToMe(PolicyConfig):
                              f"{self.proportional_attention!r}")
         object.__setattr__(self, "blocks", check_blocks(self.name, self.blocks))
 
+    def block_r(self, block: int) -> int:
+        """This block's ``r`` (one int for every block, or the block's entry of the list)."""
+        if isinstance(self.r, int):
+            return self.r
+        if block < len(self.r):
+            return self.r[block]
+        raise RewriteError(f"{self.name}: r lists {len(self.r)} values but the model has more blocks (block {block}); "
+                           "give one value per block or a single int")
+
     def decide(self, ctx):
         """Bipartite soft matching on the head-averaged keys: the ``r`` best-matched pairs merge."""
-        b = ctx.block.index
-        if isinstance(self.r, int):
-            r = self.r
-        elif b < len(self.r):
-            r = self.r[b]
-        else:
-            raise RewriteError(f"ToMe r lists {len(self.r)} values but the model has more blocks (block {b}); "
-                               "give one value per block or a single int")
+        r = self.block_r(ctx.block.index)
         ctx.require_dense("bipartite matching")
         p, active = ctx.num_prefix, ctx.tokens
         # bipartite matching: sources are every other patch token, destinations the rest (at least one)
