@@ -27,7 +27,6 @@ from typing import Optional, Union
 import torch
 
 from tokenopt.ir import Merge
-from tokenopt.policies._checks import check_blocks
 from tokenopt.policies.base import PolicyConfig, register_policy
 from tokenopt.policies.tome import ToMe
 
@@ -70,7 +69,6 @@ class PiToMe(PolicyConfig):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not -1 <= value <= (1 if field == "margin" else 10):
                 raise ValueError(f"pitome: {field} must be a number in {'[-1, 1]' if field == 'margin' else '[-1, 10]'}; "
                                  f"got {value!r}")
-        object.__setattr__(self, "blocks", check_blocks(self.name, self.blocks))
 
     def decide(self, ctx):
         """Energy of every patch token on the head-averaged keys; the ``2 r`` highest merge A into B."""
