@@ -28,6 +28,8 @@ class Block:
     norm2: Callable
     mlp: Callable
     ls2: Callable
+    # (q, k, v, key bias, scale) -> [B, H, N, D]: attention other than SDPA (talking heads); None: SDPA
+    attend: Optional[Callable] = None
 
 
 def _timm_blocks(model) -> list[Block]:
@@ -123,7 +125,10 @@ def run_blocks(blocks: list[Block], x: torch.Tensor, num_prefix: int, pol, grid_
             if size is not None and prop:
                 bias = bias + ref.size_to_bias(size)
         else:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=blk.scale)
+            if blk.attend is not None:
+                o = blk.attend(q, k, v, bias, blk.scale)
+            else:
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=blk.scale)
             x = x + blk.ls1(blk.proj(o.transpose(1, 2).flatten(2)))
         for pol in pols:
             if i not in pol.blocks:

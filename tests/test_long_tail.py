@@ -224,9 +224,24 @@ def test_multihead_attention_reductions_are_refused_with_the_way_out(layout, key
 # -- item: policy="none" on models whose blocks are not recognised ------------------------------------
 
 
+class LearnedTemperatureAttention(LayoutAttention):
+    """Logits scaled by a learned temperature (vit-pytorch's locality self-attention for small data
+    sets): a scale that is a tensor, which no attention pattern of tokenopt reads."""
+
+    def __init__(self):
+        super().__init__("learned_temperature")
+        self.temperature = nn.Parameter(torch.tensor(0.3))
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.heads(x)
+        attn = ((q @ k.transpose(-2, -1)) * self.temperature.exp()).softmax(-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+
+
 class TalkingHeadsAttention(LayoutAttention):
     """Heads mixed by a learned [H, H] matrix before and after the softmax (talking-heads attention,
-    CaiT's ``TalkingHeadAttn``): no attention pattern of tokenopt describes it."""
+    CaiT's ``TalkingHeadAttn``)."""
 
     def __init__(self):
         super().__init__("talking_heads")
@@ -250,8 +265,8 @@ class NoSkipBlk(Blk):
 
 UNRECOGNISED = {
     # (model builder, what the warning and the refusal must say)
-    "talking_heads": (lambda: TinyViT(TalkingHeadsAttention),
-                      r"no attention blocks recognised.*blocks\.0\.attn, blocks\.1\.attn.*not part of an attention pattern"),
+    "learned_temperature": (lambda: TinyViT(LearnedTemperatureAttention),
+                            r"no attention blocks recognised.*blocks\.0\.attn, blocks\.1\.attn.*not part of an attention pattern"),
     "no_residual": (lambda: _no_skip_vit(),
                     r"attention node \w+ \(blocks\.0\.attn\).*has no residual add around it"),
 }
@@ -413,3 +428,176 @@ def test_partial_coverage_is_reported_by_optimize_and_explain():
         same = tokenopt.optimize(model, policy="none", example_inputs=(x,))
     with torch.no_grad():
         torch.testing.assert_close(same(x), model(x))
+
+
+# -- item: heads mixed around the softmax (talking heads, CaiT; re-attention, DeepViT) -------------------
+
+
+def _talking_heads_reference(model: TinyViT, img, pol: Policy):
+    """TinyViT(TalkingHeadsAttention) run block by block: the key bias (ToMe's log size) goes into the
+    logits right before the softmax, between the two head mixings."""
+    ident = lambda t: t  # noqa: E731
+    blocks = []
+    for blk in model.blocks:
+        att = blk.attn
+
+        def attend(q, k, v, bias, scale, att=att):
+            logits = att.pre(((q * scale) @ k.transpose(-2, -1)).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            if bias is not None:
+                logits = logits + bias
+            return att.post(logits.softmax(-1).permute(0, 2, 3, 1)).permute(0, 3, 1, 2) @ v
+
+        blocks.append(Block(blk.norm1, att.heads, (DIM // HEADS) ** -0.5, att.proj, ident, blk.norm2, blk.mlp, ident,
+                            attend=attend))
+    x, _valid, _size, counts = run_blocks(blocks, model.embed(img), 1, pol)
+    return model.head(model.norm(x)[:, 0]), counts
+
+
+@pytest.mark.parametrize("key", sorted(POLICIES))
+def test_talking_heads_blocks_are_found_and_reduced_like_the_eager_reference(key):
+    torch.manual_seed(0)
+    model = TinyViT(TalkingHeadsAttention).eval()
+    options, pol = POLICIES[key]
+    gm = optimize(model, **options)
+    info = tokenopt.get_model_info(gm)
+    assert len(info.blocks) == DEPTH and all(b.attention.head_mix for b in info.blocks)
+    assert gm.meta["tokenopt.counters"]["canonicalize_attention"]["sdpa"] == 0  # SDPA cannot mix heads
+    x = torch.randn(3, 3, IMG, IMG)
+    with torch.no_grad():
+        expected, ref_counts = _talking_heads_reference(model, x, pol)
+        torch.testing.assert_close(gm(x), expected, atol=2e-5, rtol=1e-4)
+    counts = tokenopt.token_counts(gm, x)
+    assert {b: c.tolist() for b, c in counts.items()} == {b: c.tolist() for b, c in ref_counts.items()}
+    assert counts[DEPTH - 1].tolist() != [PATCHES + 1] * 3
+
+
+def test_talking_heads_with_per_image_counts_is_refused_with_the_reason():
+    model = TinyViT(TalkingHeadsAttention).eval()
+    with pytest.raises(tokenopt.passes.RewriteError,
+                       match=r"block 1 \(blocks\.1\).*mixes its heads around the softmax.*Fix: policy='tome'"):
+        optimize(model, policy="ats", blocks=(1,))
+    # per-image counts after attention: padding keys would get the post-softmax mixing's weight
+    with pytest.raises(tokenopt.passes.RewriteError, match=r"mixes its heads after the softmax.*padding keys a "
+                       r"weight again.*Fix: a policy with one count per batch \(tome, pitome, topk\)"):
+        optimize(model, policy="sait", mode="padded")
+    with pytest.raises(tokenopt.passes.RewriteError, match=r"packed attention does not compute.*Fix: a policy with "
+                       r"one token count per batch \(tome, pitome, topk\) in mode='padded'"):
+        optimize(model, policy="sait")
+    assert optimize(model, policy="none")  # and the model itself still runs as captured
+
+
+def test_a_head_mixing_that_touches_the_token_axes_is_not_taken_for_talking_heads():
+    class TokenMix(TalkingHeadsAttention):  # a linear over the keys axis: not a head mixing
+        def __init__(self):
+            super().__init__()
+            self.pre = nn.Linear(PATCHES + 1, PATCHES + 1)
+
+        def forward(self, x):
+            b, n, c = x.shape
+            q, k, v = self.heads(x)
+            attn = self.pre((q * self.scale) @ k.transpose(-2, -1)).softmax(-1)
+            return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+
+    model = TinyViT(TokenMix).eval()
+    with pytest.raises(tokenopt.NoAttentionError, match="not part of an attention pattern"):
+        optimize(model, policy="tome")
+
+
+def _cait_reference(model, img, r: int):
+    """timm's CaiT run by hand with ToMe: talking-heads self-attention blocks, then class attention over
+    cat([cls, merged tokens]) with the merged tokens' log size as key bias (proportional attention)."""
+    blocks = []
+    for blk in model.blocks:
+        att = blk.attn
+
+        def qkv(h, att=att):
+            b, n, c = h.shape
+            return att.qkv(h).reshape(b, n, 3, att.num_heads, c // att.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+
+        def attend(q, k, v, bias, scale, att=att):
+            logits = att.proj_l(((q * scale) @ k.transpose(-2, -1)).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            if bias is not None:
+                logits = logits + bias
+            return att.proj_w(logits.softmax(-1).permute(0, 2, 3, 1)).permute(0, 3, 1, 2) @ v
+
+        blocks.append(Block(blk.norm1, qkv, att.scale, att.proj, lambda t, g=blk.gamma_1: g * t, blk.norm2, blk.mlp,
+                            lambda t, g=blk.gamma_2: g * t, attend=attend))
+    x = model.patch_embed(img) + model.pos_embed
+    x, _valid, size, counts = run_blocks(blocks, x, 0, Policy("tome", tuple(range(len(blocks))), r=r))
+    bias = torch.nn.functional.pad(size[..., 0].log(), (1, 0))[:, None, None, :]
+    cls = model.cls_token.expand(x.shape[0], -1, -1)
+    for blk in model.blocks_token_only:
+        u = blk.norm1(torch.cat([cls, x], 1))
+        att, (b, n, c), h = blk.attn, u.shape, blk.attn.num_heads
+        q = att.q(u[:, 0]).reshape(b, 1, h, c // h).transpose(1, 2)
+        k, v = (f(u).reshape(b, n, h, c // h).transpose(1, 2) for f in (att.k, att.v))
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        cls = cls + blk.gamma_1 * att.proj(o.transpose(1, 2).reshape(b, 1, c))
+        cls = cls + blk.gamma_2 * blk.mlp(blk.norm2(cls))
+    return model.head(model.norm(torch.cat([cls, x], 1))[:, 0]), counts
+
+
+def test_cait_talking_heads_and_class_attention_reduce_like_the_eager_reference():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("cait_xxs24_224", img_size=64, depth=3, init_values=0.5, num_classes=7).eval()
+    gm = tokenopt.optimize(model, policy="tome", r=3, example_inputs=(torch.randn(2, 3, 64, 64),))
+    info = tokenopt.get_model_info(gm)
+    assert len(info.blocks) == 3 and info.num_prefix_tokens == 0  # the class token joins after the blocks
+    assert [r.kind for r in info.head_readers] == ["attn_pool", "attn_pool"]  # the two class-attention layers
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        expected, ref_counts = _cait_reference(model, x, r=3)
+        torch.testing.assert_close(gm(x), expected, atol=3e-5, rtol=1e-4)
+        assert not torch.allclose(gm(x), model(x), atol=1e-3)  # the reduction changed the result
+    assert {b: c.tolist() for b, c in tokenopt.token_counts(gm, x).items()} == {b: c.tolist() for b, c in ref_counts.items()}
+    with pytest.raises(tokenopt.passes.RewriteError, match=r"block 0 \(blocks\.0\).*ats decides inside attention.*"
+                       r"mixes its heads around the softmax.*Fix: policy='tome'"):
+        tokenopt.optimize(model, policy="ats", blocks=(0,), mode="padded", example_inputs=(torch.randn(2, 3, 64, 64),))
+
+
+# -- Hugging Face eager attention; a batch size export fixes ---------------------------------------------
+
+
+def test_hugging_face_eager_attention_is_found_through_its_dtype_check():
+    """``softmax(..., dtype=float32).to(q.dtype)`` leaves an ``_assert_tensor_metadata`` on the softmax:
+    a check, not a use of the attention map."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = dict(num_hidden_layers=3, hidden_size=48, num_attention_heads=3, intermediate_size=96, image_size=32,
+               patch_size=8, num_labels=5)
+    model = transformers.ViTForImageClassification(transformers.ViTConfig(**cfg, attn_implementation="eager")).eval()
+    fused = transformers.ViTForImageClassification(transformers.ViTConfig(**cfg, attn_implementation="sdpa")).eval()
+    fused.load_state_dict(model.state_dict())
+    example = (torch.randn(2, 3, 32, 32),)
+    gm = tokenopt.optimize(model, policy="tome", r=4, example_inputs=example)
+    assert len(tokenopt.get_model_info(gm).blocks) == 3
+    assert gm.meta["tokenopt.counters"]["canonicalize_attention"]["sdpa"] == 3
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():  # the same result as the same weights with SDPA attention, optimized alike
+        torch.testing.assert_close(gm(x).logits, tokenopt.optimize(fused, policy="tome", r=4, example_inputs=example)(x).logits)
+        assert tokenopt.token_counts(gm, x)[2].tolist() == [17 - 12] * 3
+        none = tokenopt.optimize(model, policy="none", example_inputs=example)
+        torch.testing.assert_close(none(x).logits, model(x).logits)
+
+
+class LenBatchViT(TinyViT):
+    def embed(self, img):  # len(x): torch.export reads the batch as the constant 2
+        x = self.patch(img).flatten(2).transpose(1, 2)
+        return torch.cat([self.cls.expand(len(x), -1, -1), x], 1) + self.pos
+
+
+def test_a_batch_size_fixed_by_export_is_said_at_capture_and_at_call():
+    from tokenopt.capture import StaticBatchWarning
+
+    model = LenBatchViT(lambda: LayoutAttention("einsum")).eval()
+    with pytest.warns(StaticBatchWarning, match=r"fixed the batch size at 2.*len\(x\).*x\.shape\[0\]"):
+        gm = optimize(model, policy="tome", r=4)
+    x = torch.randn(2, 3, IMG, IMG)
+    with torch.no_grad():
+        gm(x)
+    with pytest.raises(ValueError, match=r"batch of 3, but this graph runs on batches of exactly 2.*Fix: write x\.shape\[0\]"):
+        gm(torch.randn(3, 3, IMG, IMG))
+    with pytest.warns(StaticBatchWarning), pytest.raises(tokenopt.passes.RewriteError,
+                                                         match=r"packed.*fixed it at 2.*Fix: write x\.shape\[0\].*mode='padded'"):
+        optimize(model, policy="ats")

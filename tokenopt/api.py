@@ -94,6 +94,12 @@ def optimize(
     if not isinstance(share_weights, bool):
         raise ValueError(f"share_weights must be True or False; got {share_weights!r}")
     gm = capture(model, example_inputs)
+    if mode == "packed" and gm.meta.get("tokenopt.static_batch") is not None:
+        raise RewriteError(
+            f"{type(model).__name__}: the packed (ragged) realisation lays every image's tokens out in one "
+            f"buffer, which needs the batch size symbolic, but torch.export fixed it at "
+            f"{gm.meta['tokenopt.static_batch']} (the model's forward reads it as a Python number, most often "
+            "len(x)). Fix: write x.shape[0] in the model's forward, or pass mode='padded'")
     generic = gm.meta.pop("tokenopt.generic", None)
     resolve_backend(kernels, gm)  # reject a bad value before any rewriting
     build = {"mode": mode, "kernels": kernels, "dense": dense, "keep_original": min_batch is not None}

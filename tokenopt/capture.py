@@ -19,11 +19,16 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.fx.passes.shape_prop import ShapeProp
 
-__all__ = ["CaptureError", "capture", "default_example_inputs"]
+__all__ = ["CaptureError", "StaticBatchWarning", "capture", "default_example_inputs"]
 
 
 class CaptureError(RuntimeError):
     """The model could not be turned into a graph; the message names the module and what to try."""
+
+
+class StaticBatchWarning(UserWarning):
+    """``torch.export`` fixed the batch size: the model's forward reads it as a Python constant (most
+    often ``len(x)`` on a tensor), so the captured graph runs on batches of exactly that size."""
 
 
 def default_example_inputs(model: torch.nn.Module, batch: int = 2) -> tuple[torch.Tensor, ...]:
@@ -208,8 +213,24 @@ def capture(
         ShapeProp(gm).propagate(*example_inputs)
     gm.meta["tokenopt.example_inputs"] = example_inputs
     gm.meta["tokenopt.source"] = type(model).__name__
+    if dynamic_batch:
+        _note_static_batch(gm, type(model).__name__)
     gm.meta["tokenopt.generic"] = generic
     return gm
+
+
+def _note_static_batch(gm: fx.GraphModule, name: str) -> None:
+    """Record (``gm.meta["tokenopt.static_batch"]``) and say when export fixed the image batch size."""
+    images = [n for n in gm.graph.nodes if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.Tensor)
+              and n.meta["val"].dim() > 0]
+    if not images or not is_concrete_int(images[0].meta["val"].shape[0]):
+        return
+    size = int(images[0].meta["val"].shape[0])
+    gm.meta["tokenopt.static_batch"] = size
+    warnings.warn(StaticBatchWarning(
+        f"{name}: torch.export fixed the batch size at {size}: the model's forward reads it as a Python "
+        f"number (most often len(x) on a tensor; x.shape[0] stays symbolic), so this graph runs on batches "
+        f"of exactly {size}. Fix: write x.shape[0] for the batch size in the model's forward."), stacklevel=3)
 
 
 def _has_free_image_size(exported: torch.export.ExportedProgram) -> bool:

@@ -107,6 +107,15 @@ def count_flops(fn, *args, **kwargs) -> int:
     mapping[torch.ops.tokenopt.policy_attention] = _policy_attention_flops
     mapping[torch.ops.tokenopt.head_attention] = _head_attention_flops
     mapping[torch.ops.tokenopt.cls_attention] = _cls_attention_flops
-    with FlopCounterMode(display=False, custom_mapping=mapping) as counter, torch.no_grad():
-        fn(*args, **kwargs)
+    # the counter tracks modules with autograd hooks, which fail on a parameter passed to a submodule
+    # as an input (CaiT's class token, a MAP head's query) while it requires grad: off for the count
+    params = [p for p in fn.parameters() if p.requires_grad] if isinstance(fn, torch.nn.Module) else []
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        with FlopCounterMode(display=False, custom_mapping=mapping) as counter, torch.no_grad():
+            fn(*args, **kwargs)
+    finally:
+        for p in params:
+            p.requires_grad_(True)
     return counter.get_total_flops()

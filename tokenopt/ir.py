@@ -53,6 +53,8 @@ class AttentionInfo:
         softmax: the softmax node of a manual chain (``None`` for SDPA).
         attn_mask: node of an additive or boolean mask the model passes itself, if any.
         proj: the output projection (first ``linear`` after the core), if any.
+        head_mix: the heads are mixed by learned maps before and/or after the softmax (talking-heads
+            attention, DeepViT's re-attention): a manual chain SDPA cannot express.
     """
 
     kind: str
@@ -68,6 +70,7 @@ class AttentionInfo:
     proj: Optional[fx.Node] = None
     qkv_linears: list[fx.Node] = field(default_factory=list)
     matmul_qk: Optional[fx.Node] = None
+    head_mix: bool = False
 
 
 @dataclass

@@ -227,6 +227,13 @@ class OptimizedModule(fx.GraphModule):
                 raise TypeError(f"{name}: input {i} must be a tensor like {tuple(ex.shape[1:])} per image; got "
                                 f"{type(x).__name__}")
             want = tuple(ex.shape[1:])
+            static = self.meta.get("tokenopt.static_batch")
+            if static is not None and x.dim() == ex.dim() and x.shape[0] != static:
+                raise ValueError(
+                    f"{name}: input {i} is a batch of {x.shape[0]}, but this graph runs on batches of exactly "
+                    f"{static}: torch.export fixed the batch size when capturing the model (its forward reads "
+                    f"it as a Python number, most often len(x); x.shape[0] stays symbolic). Fix: write "
+                    f"x.shape[0] in the model's forward and optimize it again, or pass batches of {static}")
             if x.dim() != ex.dim():
                 hint = " (one image? add the batch dimension: x.unsqueeze(0))" if x.dim() == ex.dim() - 1 else ""
                 raise ValueError(f"{name}: input {i} must be a {ex.dim()}-D batch [batch, {', '.join(map(str, want))}]; "

@@ -81,7 +81,7 @@ def canonicalize_attention(gm: fx.GraphModule) -> PassResult:
     gm.graph.eliminate_dead_code()  # values export keeps but nothing uses (MultiheadAttention's mean weights)
     dead = before - len(gm.graph.nodes)
     info = get_model_info(gm)
-    _check_layouts(info)
+    _check_layouts(info, gm.meta.get("tokenopt.static_batch"))
     trivial = _trivial_masks(gm, {b.attention.attn_mask for b in info.blocks if b.attention.attn_mask is not None})
     dropped, model_masks = 0, {blk.index: blk.attention.attn_mask for blk in info.blocks}
     for blk in info.blocks:
@@ -91,12 +91,18 @@ def canonicalize_attention(gm: fx.GraphModule) -> PassResult:
             dropped += 1
             if att.kind == "sdpa":
                 P.set_sdpa_mask(att.core, None)
-    done = 0
-    for blk in info.blocks:
-        att = blk.attention
-        if att.kind != "manual":
+    done = head = 0
+    # the blocks' attention, and a head's attention over the tokens (vit-pytorch's CaiT class attention)
+    cores = [(blk.index, blk.attention, model_masks[blk.index]) for blk in info.blocks]
+    cores += [(None, r.attention, r.attention.attn_mask) for r in info.head_readers
+              if r.kind == "attn_pool" and r.attention is not None]
+    for index, att, mask in cores:
+        if att.kind != "manual" or att.head_mix:  # heads mixed around the softmax: SDPA cannot say that
             continue
-        chain = _chain(att.matmul_qk, att.core, model_masks[blk.index])
+        chain = _chain(att.matmul_qk, att.core, mask)
+        for node in chain[:-1]:  # metadata checks on the chain's values go with it
+            for user in [u for u in node.users if u.op == "call_function" and u.target in P.ASSERT_OPS]:
+                gm.graph.erase_node(user)
         if any(len(n.users) != 1 for n in chain[:-1]):
             continue
         scores = P.match_scores(att.matmul_qk)[1]
@@ -105,47 +111,57 @@ def canonicalize_attention(gm: fx.GraphModule) -> PassResult:
             if scores.k_perm is not None:  # keys read in another layout: [..., N, D] for SDPA
                 k = gm.graph.call_function(torch.ops.aten.permute.default, (scores.k, list(scores.k_perm)))
                 k.meta["val"] = P.val(scores.k).permute(scores.k_perm)
-                stamp(k, block=blk.index)
-                k.meta[META_BLOCK] = blk.index
+                stamp(k, block=index)
             sdpa = gm.graph.call_function(
                 torch.ops.aten.scaled_dot_product_attention.default,
                 (att.q, k, att.v),
                 {"attn_mask": att.attn_mask, "scale": att.scale} if att.attn_mask is not None else {"scale": att.scale},
             )
         sdpa.meta["val"] = att.core.meta.get("val")
-        sdpa.meta[META_ROLE] = "attn.core"
-        stamp(sdpa, block=blk.index)
+        stamp(sdpa, block=index)
+        if index is not None:
+            sdpa.meta[META_ROLE] = "attn.core"
+            sdpa.meta[META_BLOCK] = index
         att.core.replace_all_uses_with(sdpa)
         for node in reversed(chain):
             if not node.users:
                 gm.graph.erase_node(node)
         att.kind, att.core, att.softmax, att.matmul_qk = "sdpa", sdpa, None, None
-        sdpa.meta[META_BLOCK] = blk.index
-        done += 1
+        done, head = (done + 1, head) if index is not None else (done, head + 1)
     gm.graph.eliminate_dead_code()
     gm.meta.setdefault("tokenopt.counters", {})["canonicalize_attention"] = {
-        "sdpa": done, "masks_dropped": dropped, "dead_nodes": dead}
-    if done + dropped + dead:  # model facts are re-derived from the rewritten graph, not patched
+        "sdpa": done, "head_sdpa": head, "masks_dropped": dropped, "dead_nodes": dead}
+    if done + head + dropped + dead:  # model facts are re-derived from the rewritten graph, not patched
         gm.recompile()
         from tokenopt.passes.find_blocks import find_blocks
 
         find_blocks(gm)
-    return PassResult(gm, done + dropped + dead > 0)
+    return PassResult(gm, done + head + dropped + dead > 0)
 
 
 canonicalize_attention.requires = ("model_info",)
 canonicalize_attention.ensures = ("model_info",)
 
 
-def _check_layouts(info) -> None:
+def _check_layouts(info, static_batch=None) -> None:
     """Refuse, before any rewriting, attention that runs sequence-first (``[N, B, C]``) or with the heads
     folded into the batch (``[B * H, N, D]``): ``nn.MultiheadAttention`` does both, and the token count
     then hides in sizes such as ``N * B`` that no rewrite can tell apart from the batch."""
+    batch = P.val(info.image_input).shape[0]
     for blk in info.blocks:
         att = blk.attention
+        if P.rank(att.q) == 4 and str(P.val(att.q).shape[0]) != str(batch):
+            raise RewriteError(
+                f"block {blk.index} ({_module_path(att.core) or blk.module_path or 'unknown module'}): attention "
+                f"{att.core.name} runs over windows (its batch axis is {P.val(att.q).shape[0]}, images x windows of "
+                f"{P.val(att.q).shape[2]} tokens: Swin, SAM's windowed blocks), and each window is cut from a "
+                "fixed grid of tokens, so a token dropped or merged would break every window after it; "
+                "tokenopt does not reduce windowed attention. Fix: policy='none' runs the model as captured; "
+                "reduce a ViT whose attention spans all tokens")
         nodes = [n for n in blk.nodes if P.val(n) is not None and P.rank(n) >= 2]
+        # [tokens, batch, ...]: the batch is a symbol (or the size export fixed it at, see capture)
         seq_first = next((n for n in nodes if isinstance(P.val(n).shape[0], int) and P.val(n).shape[0] == blk.tokens
-                          and not isinstance(P.val(n).shape[1], int)), None)
+                          and (not isinstance(P.val(n).shape[1], int) or P.val(n).shape[1] == static_batch)), None)
         if seq_first is None and P.rank(att.q) == 4:
             continue
         how = (f"runs sequence-first ({seq_first.name} is [tokens, batch, ...])" if seq_first is not None

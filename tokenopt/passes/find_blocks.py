@@ -169,7 +169,10 @@ class _Finder:
             return None
         scale, mask = 1.0, None
         up = softmax.args[0]
-        while isinstance(up, fx.Node) and not P.is_call(up, P.MATMUL_OPS | P.EINSUM_OPS):
+        path = []  # the logits path from the scores up to the softmax, last first
+        while isinstance(up, fx.Node) and (not P.is_call(up, P.MATMUL_OPS | P.EINSUM_OPS)
+                                           or P.head_mix_input(up) is not None):
+            path.append(up)
             scaled = P.scalar_operand(up) if P.is_call(up, P.MUL_OPS | P.DIV_OPS) else None
             if scaled is not None:
                 up, factor = scaled
@@ -180,6 +183,8 @@ class _Finder:
                 up, mask = (a, b) if P.rank(a) == P.rank(softmax) and b not in self.ancestors(a) else (b, a)
             elif P.is_call(up, P.IDENTITY_OPS):
                 up = up.args[0]
+            elif P.head_mix_input(up) is not None and P.rank(softmax) == 4:  # talking heads (checked below)
+                up = P.head_mix_input(up)
             else:
                 return None
         mm1 = up
@@ -191,25 +196,36 @@ class _Finder:
         if scaled is not None:
             q, factor = scaled
             scale *= factor
-        down = softmax
+        down, after = softmax, []
         while True:
             users = P.live_users(down)  # nn.MultiheadAttention's unused averaged weights do not count
             if len(users) != 1:
                 return None
             user = users[0]
-            if P.is_call(user, P.IDENTITY_OPS):
-                down = user
-                continue
             out = P.match_output(user, down)
             if out is not None:
                 break
+            if P.is_call(user, P.IDENTITY_OPS) or P.head_mix_input(user) is down and P.rank(softmax) == 4:
+                down = user
+                after.append(user)
+                continue
             return None
         mm2, v = user, out[1]
+        chain = list(reversed(path)) + [softmax] + after
+        mixed = any(P.is_call(n, P.HEAD_MIX_OPS) for n in chain)
+        if mixed:  # the heads are mixed around the softmax: each step must act on the head axis only
+            heads = int(P.val(mm1).shape[1])
+            if P.head_mix_labels(chain[:chain.index(softmax)], mm1, heads) != ("b", "h", "i", "j") \
+                    or P.head_mix_labels(chain, mm1, heads) != ("b", "h", "i", "j"):
+                return None
         for name in (found[0].name, out[0].name):
             self.matched[name] = self.matched.get(name, 0) + 1
         heads, head_dim = self._heads(q)
+        if mixed:
+            self.matched["head mixing"] = self.matched.get("head mixing", 0) + 1
         return AttentionInfo(
-            "manual", mm2, q, k, v, heads, head_dim, scale, softmax=softmax, attn_mask=mask, matmul_qk=mm1
+            "manual", mm2, q, k, v, heads, head_dim, scale, softmax=softmax, attn_mask=mask, matmul_qk=mm1,
+            head_mix=mixed,
         )
 
     # -- residual structure ------------------------------------------------------------------
@@ -296,6 +312,7 @@ def _leading_prefix(finder: _Finder, node: fx.Node) -> int:
 
 def _head_readers(finder: _Finder, x_out: fx.Node, pools: list[AttentionInfo] = ()) -> list[HeadReader]:
     readers, frontier, seen = [], [x_out], set()
+    offset = {x_out: 0}  # tokens put in front of the stream by a cat (CaiT: cat([cls, x]) before the norm)
     # the keys/values of a pooling head's attention, and everything computing them from the tokens
     pool_inputs = {}
     for pool in pools:
@@ -315,12 +332,24 @@ def _head_readers(finder: _Finder, x_out: fx.Node, pools: list[AttentionInfo] = 
                 if pool.core not in found_pools:  # the tokens reach a pooling query's keys and values
                     found_pools.add(pool.core)
                     readers.append(HeadReader("attn_pool", pool.core, attention=pool))
+            elif P.is_call(user, P.SLICE_OPS) and P.norm_dim(user.args[1], nd) == 0:
+                offset[user] = offset[node]
+                frontier.append(user)  # x[:, ...] slices the batch axis whole
+            elif P.is_call(user, P.SELECT_OPS) and P.norm_dim(user.args[1], nd) == 1 and offset[node]:
+                if int(user.args[2]) >= offset[node]:  # a token of the stream, behind the cat's others
+                    readers.append(HeadReader("other", user))
+                # else: it reads a token the cat put in front (CaiT's class token): none of the stream's
+            elif offset[node] and not (P.is_call(user, P.ROWWISE_OPS) and P.rank(user) == nd):
+                readers.append(HeadReader("other", user))
             elif user.op == "output":
                 readers.append(HeadReader("tokens", node))
             elif P.is_call(user, P.SELECT_OPS) and P.norm_dim(user.args[1], nd) == 1:
                 readers.append(HeadReader("token", user, index=int(user.args[2])))
-            elif P.is_call(user, P.SLICE_OPS) and P.norm_dim(user.args[1], nd) == 0:
-                frontier.append(user)  # x[:, ...] slices the batch axis whole
+            elif (P.is_call(user, P.CAT_OPS) and P.rank(user) == 3 and P.norm_dim(P.arg(user, 1, "dim", 0), 3) == 1
+                  and user.args[0][-1] is node and all(_not_from(finder, a, node, pools) for a in user.args[0][:-1])):
+                # the stream behind tokens from elsewhere: followed while only those are read
+                offset[user] = sum(int(P.val(a).shape[1]) for a in user.args[0][:-1])
+                frontier.append(user)
             elif P.is_call(user, P.SLICE_OPS) and P.norm_dim(user.args[1], nd) == 1:
                 start = P.arg(user, 2, "start", 0) or 0
                 end = P.arg(user, 3, "end", None)
@@ -331,10 +360,58 @@ def _head_readers(finder: _Finder, x_out: fx.Node, pools: list[AttentionInfo] = 
             elif P.is_call(user, P.MEAN_OPS) and [P.norm_dim(d, nd) for d in user.args[1]] == [1]:
                 readers.append(HeadReader("mean", user))
             elif P.is_call(user, P.ROWWISE_OPS) and P.rank(user) == nd:
+                offset[user] = offset[node]
                 frontier.append(user)
             else:
                 readers.append(HeadReader("other", user))
     return readers
+
+
+_POOL_OPS = {torch.ops.aten.max_pool2d.default, torch.ops.aten.max_pool2d_with_indices.default,
+             torch.ops.aten.avg_pool2d.default, torch.ops.aten.max_pool3d.default,
+             torch.ops.aten.max_pool3d_with_indices.default, torch.ops.aten.amax.default}
+
+
+def _no_residual_reason(finder: _Finder, att: AttentionInfo) -> str:
+    """Why the residual around ``att`` is not a ``[B, N, C]`` one, read from the add that does take its
+    result: a stream kept as ``[B, H, W, C]`` (windowed models), a pooled skip (pooling hierarchies), a
+    skip that is a slice of the stream; or no add at all."""
+    for node in finder.gm.graph.nodes:
+        if not P.is_call(node, P.ADD_OPS) or len(node.args) < 2 or not all(isinstance(a, fx.Node) for a in node.args[:2]):
+            continue
+        a, b = node.args[:2]
+        with_core = [t for t in (a, b) if att.core in finder.ancestors(t) | {t}]
+        if len(with_core) != 1:
+            continue
+        skip = b if with_core[0] is a else a
+        skip_anc = finder.ancestors(skip) | {skip}
+        if att.core in skip_anc:
+            continue
+        if P.rank(node) == 4:
+            return ("the residual stream is kept as [B, H, W, C] (Swin's and SAM's windowed blocks, VOLO), "
+                    "a grid that fixes where every token sits (windows are cut from it, later layers read it "
+                    "as an image), so tokens cannot be dropped or merged without rebuilding that grid; "
+                    "tokenopt does not reduce such models.")
+        window = [n for n in finder.ancestors(with_core[0]) if P.is_call(n, _POOL_OPS)]
+        pooled = [n for n in skip_anc - finder.ancestors(att.q) if P.is_call(n, _POOL_OPS)]
+        if pooled or window:
+            return (f"its skip is a pooled copy of the stream ({(pooled or window)[0].name}: a pooling hierarchy "
+                    "such as Hiera or MViTv2), so each stage runs at its own token count on a grid the pooling "
+                    "needs whole; tokenopt does not reduce such models.")
+        if P.is_call(skip, P.SLICE_OPS):
+            return (f"its skip is a slice of the stream ({skip.name}: the class token alone, as in CaiT's or "
+                    "CrossViT's cross-attention), not the stream the attention reads.")
+        return f"the add that takes its result ({node.name}) has shape {tuple(P.val(node).shape)}, not [B, N, C]."
+    return "its result is not added back to the stream it reads (no skip connection)."
+
+
+def _not_from(finder: _Finder, front: fx.Node, stream: fx.Node, pools) -> bool:
+    """Whether ``front`` holds none of ``stream``'s tokens: it does not depend on it, or only through a
+    head attention that reads it (CaiT's class token after its class-attention layers)."""
+    if front is stream:
+        return False
+    anc = finder.ancestors(front) | {front}
+    return stream not in anc or any(p.core in anc for p in pools)
 
 
 def find_blocks(gm: fx.GraphModule) -> PassResult:
@@ -383,6 +460,20 @@ def find_blocks(gm: fx.GraphModule) -> PassResult:
     blocks: list[BlockInfo] = []
     pools: list[AttentionInfo] = []  # attention with no residual around it, after the blocks: a pooling head
     for att in cores:
+        # the scores' last two sizes (a manual chain may hold its keys in another layout)
+        n_q, n_k = P.val(att.matmul_qk if att.kind == "manual" else att.q).shape[-2], (
+            P.val(att.matmul_qk).shape[-1] if att.kind == "manual" else P.val(att.k).shape[-2])
+        if n_q != n_k:
+            # queries from fewer tokens than the keys: CaiT's class attention, a pooling query (MAP head),
+            # cross-attention. After the blocks it is part of the head: it reads the reduced tokens
+            if blocks and finder.order[att.core] > finder.order[blocks[-1].x_out]:
+                pools.append(att)
+                continue
+            raise BlockStructureError(
+                f"attention node {att.core.name} ({_module_path(att.core) or 'unknown module'}) in {name} "
+                f"attends from {n_q} queries to {n_k} keys (pooled queries or keys, class or cross-attention) before "
+                "or between the self-attention blocks; tokenopt reduces tokens in self-attention blocks on one "
+                f"token stream. Fix: {_FIX}.")
         attn_res = next(
             (r for r in residuals
              if att.core in finder.ancestors(r[2]) | {r[2]} and att.core not in finder.ancestors(r[1])),
@@ -394,11 +485,17 @@ def find_blocks(gm: fx.GraphModule) -> PassResult:
         if attn_res is None:
             raise BlockStructureError(
                 f"attention node {att.core.name} ({_module_path(att.core) or 'unknown module'}) in {name} "
-                "has no residual add around it (x + attn(...)) on the [B, N, C] token stream (a skip that is "
-                "a slice or a pooled copy of the stream, or a stream kept as [B, H, W, C], is not one). "
-                f"Fix: {_FIX}."
+                f"has no residual add around it (x + attn(...)) on a [B, N, C] token stream: "
+                f"{_no_residual_reason(finder, att)} Fix: {_FIX}."
             )
         attn_add, x_in, attn_branch = attn_res
+        twin = next((b for b in blocks if b.attn_add is attn_add), None)
+        if twin is not None:
+            raise BlockStructureError(
+                f"attention nodes {twin.attention.core.name} and {att.core.name} "
+                f"({_module_path(att.core) or 'unknown module'}) in {name} are parallel branches added to the "
+                "stream together (x + attn_1(x) + attn_2(x), timm's ParallelThingsBlock); tokenopt rewrites "
+                f"blocks with one attention per residual. Fix: {_FIX}.")
         mlp_res = None
         for r in residuals:
             add, skip, branch = r
@@ -479,7 +576,8 @@ def find_blocks(gm: fx.GraphModule) -> PassResult:
     gm.meta.setdefault("tokenopt.counters", {})["find_blocks"] = {"patterns": dict(finder.matched)}
     # attention maps ([..., N, N]-like softmaxes) outside every block found: attention tokenopt leaves as
     # it is (channel attention with a temperature, gated positional attention, ...); optimize warns
-    inside = {b.attention.softmax for b in info.blocks} | {n for b in info.blocks for n in b.nodes}
+    inside = {b.attention.softmax for b in info.blocks} | {n for b in info.blocks for n in b.nodes} | {
+        p.softmax for p in pools}  # a head's attention is read too (attn_pool)
     gm.meta["tokenopt.unrecognised_attention"] = sorted({
         _module_path(n) or n.name for n in gm.graph.nodes
         if P.is_call(n, P.SOFTMAX_OPS) and P.rank(n) >= 3 and n not in inside})

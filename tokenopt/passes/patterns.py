@@ -268,14 +268,81 @@ def match_output(node: Any, probs: fx.Node) -> Optional[tuple[AttentionPattern, 
     return None
 
 
+# -- head mixing around the softmax ----------------------------------------------------------------------
+#
+# Talking-heads attention (Shazeer et al. 2020; timm's CaiT ``TalkingHeadAttn``) mixes the heads of the
+# logits and of the probabilities with learned [H, H] maps, and DeepViT's re-attention mixes the
+# probabilities (then LayerNorms over the heads). Each map acts on the head axis only, at every
+# (query, key) pair, so it commutes with choosing, merging or padding tokens the way the softmax does.
+# Such an op stands between scores and softmax, or softmax and output; ``head_mix_input`` reads one step
+# and ``head_mix_labels`` checks a whole chain axis by axis.
+
+HEAD_MIX_OPS = {aten.permute.default, aten.transpose.int, aten.linear.default, aten.layer_norm.default,
+                aten.einsum.default}
+
+
+def head_mix_input(node: Any) -> Optional[fx.Node]:
+    """The attention-map operand of ``node`` when it may be one step of a head mixing (a permute, a
+    linear or LayerNorm, or an einsum with one weight operand), else None. ``head_mix_labels`` then
+    checks that the chain really acts on the head axis only."""
+    if not is_call(node, HEAD_MIX_OPS):
+        return None
+    if is_call(node, EINSUM_OPS):
+        ops = node.args[1]
+        if len(ops) != 2 or not is_param(ops[1]) or rank(ops[1]) != 2:
+            return None
+        return ops[0]
+    return node.args[0] if isinstance(node.args[0], fx.Node) else None
+
+
+def head_mix_labels(chain: list[fx.Node], start: fx.Node, heads: int) -> Optional[tuple]:
+    """Follow the axes ``(b, h, i, j)`` of the ``[B, H, N, M]`` map ``start`` through ``chain`` (its
+    nodes in order, each reading the previous one). Returns the axes of the last node's result, or None
+    when a step acts on anything but the head axis (a linear or norm over tokens, say)."""
+    labels = ["b", "h", "i", "j"]
+    for node in chain:
+        if is_call(node, {aten.permute.default}):
+            labels = [labels[norm_dim(d, 4)] for d in node.args[1]]
+        elif is_call(node, {aten.transpose.int}):
+            a, b = norm_dim(node.args[1], 4), norm_dim(node.args[2], 4)
+            labels[a], labels[b] = labels[b], labels[a]
+        elif is_call(node, LINEAR_OPS):
+            w = val(node.args[1])
+            if labels[-1] != "h" or w is None or tuple(w.shape) != (heads, heads):
+                return None
+        elif is_call(node, NORM_OPS):
+            if labels[-1] != "h" or list(node.args[1]) != [heads]:
+                return None
+        elif is_call(node, EINSUM_OPS):
+            lhs, out = node.args[0].replace(" ", "").split("->")
+            a, w = lhs.split(",")
+            if len(a) != 4 or len(w) != 2 or len(out) != 4 or w[0] != a[labels.index("h")]:
+                return None
+            names = {letter: lab for letter, lab in zip(a, labels)}
+            names[w[1]] = "h"
+            if w[0] in out or any(letter not in names for letter in out):
+                return None
+            labels = [names[letter] for letter in out]
+        elif not is_call(node, IDENTITY_OPS | MUL_OPS | DIV_OPS | ADD_OPS | SOFTMAX_OPS):
+            return None
+    return tuple(labels)
+
+
 def scores_input(node: fx.Node) -> Any:
     """The logits operand of an attention output node (``probs`` of ``probs @ v``)."""
     return node.args[1][0] if is_call(node, EINSUM_OPS) else node.args[0]
 
 
+# metadata checks export leaves on a value (``x.to(dtype)`` in Hugging Face's eager attention): they
+# read no values, so they do not make a node "used"
+ASSERT_OPS = {aten._assert_tensor_metadata.default}
+
+
 def is_dead(node: fx.Node) -> bool:
     """Whether nothing ``node`` computes is ever used: no users, or only dead ones, and no side effects
     (``nn.MultiheadAttention`` averages its attention weights even when the caller drops them)."""
+    if node.op == "call_function" and node.target in ASSERT_OPS:
+        return True
     if node.op != "call_function" or node.is_impure():
         return False
     return all(is_dead(u) for u in node.users)

@@ -44,7 +44,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 import tokenopt.kernels.ops  # noqa: F401  (registers torch.ops.tokenopt.*)
 from tokenopt.ir import META_PLAN, META_ROLE, SITES, BlockInfo, Gate, Halt, Keep, Mask, Merge, ModelInfo, PlannedDecision, stamp
 from tokenopt.passes import patterns as P
-from tokenopt.passes.find_blocks import get_model_info
+from tokenopt.passes.find_blocks import _module_path, get_model_info
 
 __all__ = ["MODES", "RewriteError", "TokenState", "DecisionContext", "RealizeTokens"]
 
@@ -87,6 +87,44 @@ class TokenState:
     def count(self) -> Optional[fx.Node]:
         """The node whose value gives per-image counts: packed offsets, or validity (None: all equal)."""
         return self.cu if self.packed else self.valid
+
+
+def _keys_in_front(gm: fx.GraphModule, att) -> int:
+    """How many keys of a head's attention come from tokens of its own put in front of the block tokens
+    (CaiT's class attention over ``cat([cls, x])``): 0 when its keys are the stream's tokens. Raises
+    when they are put elsewhere (behind or between): the key bias could not line up."""
+    n0 = get_model_info(gm).num_tokens
+    nk = int(P.val(att.matmul_qk).shape[-1] if att.kind == "manual" else P.val(att.k).shape[-2])
+    if nk == n0:
+        return 0
+    stack, seen = [att.k], set()
+    while stack:
+        node = stack.pop()
+        if node in seen or not isinstance(node, fx.Node):
+            continue
+        seen.add(node)
+        if P.is_call(node, P.CAT_OPS) and P.rank(node) == 3 and P.norm_dim(P.arg(node, 1, "dim", 0), 3) == 1 \
+                and int(P.val(node).shape[1]) == nk:
+            *front, last = node.args[0]
+            if int(P.val(last).shape[1]) == n0 and sum(int(P.val(a).shape[1]) for a in front) == nk - n0:
+                return nk - n0
+            break
+        stack.extend(node.all_input_nodes)
+    raise RewriteError(
+        f"the head's attention {att.core.name} ({_module_path(att.core)}) runs over {nk} keys, the "
+        f"{n0} block tokens and others not put in front of them, so the reduced tokens cannot be lined up "
+        "with its keys; use policy='none' for this model")
+
+
+def _mixes_after(att) -> bool:
+    """Whether a manual attention chain mixes heads between its softmax and the product with v."""
+    node = att.softmax
+    while node is not None and node is not att.core:
+        users = P.live_users(node)
+        node = users[0] if len(users) == 1 else None
+        if node is not None and node is not att.core and P.is_call(node, P.HEAD_MIX_OPS):
+            return True
+    return False
 
 
 class _Inserter:
@@ -295,6 +333,15 @@ class RealizeTokens:
                 raise RewriteError(f"{d.policy}: block {d.block} does not exist; the model has blocks "
                                    f"0..{len(info.blocks) - 1}")
             by_site.setdefault((d.block, d.site), []).append(d)
+        counts_found = sorted({b.tokens for b in info.blocks}, reverse=True)
+        if plan and len(counts_found) > 1:
+            stages = "; ".join(
+                f"{n} in blocks {', '.join(str(b.index) for b in info.blocks if b.tokens == n)}" for n in counts_found)
+            raise RewriteError(
+                f"{plan[0].policy}: the blocks run at several token counts ({stages}): a pooling hierarchy "
+                "(PiT, or any model that pools tokens between stages), whose pooling needs each stage's full "
+                "token grid; tokenopt reduces models whose blocks share one token stream. Fix: policy='none' "
+                "runs the model as captured")
         state = TokenState(length=info.num_tokens, active=info.num_tokens)
         self.decisions: list[dict] = []
         self.halting: list[dict] = []
@@ -436,6 +483,12 @@ class RealizeTokens:
             att.core, att.kind = new, "policy"
             return
         if state.packed or cu_q is not None:
+            if att.kind == "manual" and att.head_mix:
+                fix = ("a policy with one token count per batch (tome, pitome, topk) in mode='padded'"
+                       if _mixes_after(att) else "mode='padded'")
+                raise RewriteError(
+                    f"block {blk.index} ({blk.module_path}): attention {att.core.name} mixes its heads around the "
+                    f"softmax (talking heads), which packed attention does not compute. Fix: {fix}")
             if att.kind != "sdpa" or att.attn_mask is not None:
                 raise RewriteError(
                     f"block {blk.index} ({blk.module_path}): attention {att.core.name} is not a plain SDPA "
@@ -463,6 +516,9 @@ class RealizeTokens:
             _settle_layout(gm, att.core, blk.index)
             return
         if state.bias is not None:
+            if att.kind == "manual" and att.head_mix:
+                self._bias_logits(gm, blk, state, policy)
+                return
             if att.kind != "sdpa":
                 raise RewriteError(
                     f"block {blk.index} ({blk.module_path}): attention {att.core.name} is a manual chain whose "
@@ -474,6 +530,23 @@ class RealizeTokens:
                     "the model, sized for the full token count; reduce tokens only after this block (blocks=...)")
             P.set_sdpa_mask(att.core, state.bias)
             _settle_layout(gm, att.core, blk.index)
+
+    def _bias_logits(self, gm, blk: BlockInfo, state: TokenState, policy: str) -> None:
+        """Talking-heads attention (a manual chain): the key bias goes into the logits right before the
+        softmax, where SDPA would add it. Heads mixed after the softmax give a key of probability 0 a
+        weight again (the mixing's bias), so padding keys cannot be masked there: refused."""
+        att = blk.attention
+        if state.valid is not None and _mixes_after(att):
+            raise RewriteError(
+                f"block {blk.index} ({blk.module_path}): attention {att.core.name} mixes its heads after the "
+                "softmax (talking heads or re-attention), which gives padding keys a weight again, so images "
+                "with different token counts cannot share a padded batch through it, and the policy keeps "
+                "per-image counts. Fix: a policy with one count per batch (tome, pitome, topk), or "
+                "reduce tokens only in blocks after it (blocks=...)")
+        ins = _Inserter(gm, att.softmax, blk.index, policy)
+        logits = att.softmax.args[0]
+        biased = ins(aten.add.Tensor, logits, state.bias, role="tokens.bias")
+        att.softmax.update_arg(0, biased)
 
     # -- sites ---------------------------------------------------------------------------------------
     def _decide(self, gm, info, blk, state, d: PlannedDecision, anchor, x):
@@ -592,8 +665,13 @@ class RealizeTokens:
     def _attn_site(self, gm, info, blk, state, d) -> int:
         att = blk.attention
         if att.kind != "sdpa":
-            raise RewriteError(f"block {blk.index}: {d.policy} decides inside attention, which needs the "
-                               "attention as one SDPA node (canonicalize_attention could not rewrite it)")
+            why = ("mixes its heads around the softmax (talking heads), which one SDPA node cannot express"
+                   if att.head_mix else "is a manual chain canonicalize_attention could not rewrite (its "
+                   "intermediate results are used elsewhere)")
+            raise RewriteError(
+                f"block {blk.index} ({blk.module_path}): {d.policy} decides inside attention, reading it from "
+                f"one SDPA node, but attention {att.core.name} {why}. Fix: policy='tome' or 'pitome' (they "
+                "decide after attention), or blocks= without this block")
         decision, ins = self._decide(gm, info, blk, state, d, att.core, None)
         if decision is None:
             self._attend(gm, blk, state)
@@ -856,11 +934,36 @@ class RealizeTokens:
     def _rewire_pool(self, gm, ins, reader, state: TokenState) -> None:
         """A pooling query attends to the reduced tokens: padding masked, merged tokens weighted by size."""
         att = reader.attention
-        if att.kind != "sdpa" or att.attn_mask is not None:
+        mixed = att.kind == "manual" and att.head_mix
+        if att.kind != "sdpa" and not mixed or att.attn_mask is not None:
             raise RewriteError(
                 f"the pooling head's attention {att.core.name} is not a plain SDPA without a model mask, so it "
                 "cannot be given the reduced tokens; use policy='none' for this model")
         ins.anchor = att.core
+        extra = _keys_in_front(gm, att)
+        if extra or mixed:  # CaiT: the class token's attention runs over cat([cls, x]), maybe talking heads
+            if state.packed:
+                raise RewriteError(
+                    f"the head's attention {att.core.name} ({_module_path(att.core)}) runs over "
+                    + (f"its own {extra} token(s) in front of the block tokens (class attention)" if extra else
+                       "the tokens with its heads mixed around the softmax (talking heads)")
+                    + ", which packed tokens cannot be laid out for. Fix: mode='padded'")
+            if state.bias is None:
+                return
+            if mixed and state.valid is not None and _mixes_after(att):
+                raise RewriteError(
+                    f"the head's attention {att.core.name} ({_module_path(att.core)}) mixes its heads after the "
+                    "softmax, which gives padding keys a weight again; the policy keeps per-image counts. Fix: a "
+                    "policy with one count per batch (tome, pitome, topk)")
+            if mixed:
+                ins.anchor = att.softmax
+            bias = state.bias if not extra else ins(aten.constant_pad_nd.default, state.bias, [extra, 0], 0.0,
+                                                    role="tokens.bias")
+            if mixed:  # into the logits right before the softmax, as for a block's talking heads
+                att.softmax.update_arg(0, ins(aten.add.Tensor, att.softmax.args[0], bias, role="tokens.bias"))
+            else:
+                P.set_sdpa_mask(att.core, bias)
+            return
         if state.packed:  # the keys/values are packed: lay each image's out again (static capacity)
             k, valid = ins.items(ins(tk.unpack.default, att.k, state.cu, state.cap), 2)
             v, _ = ins.items(ins(tk.unpack.default, att.v, state.cu, state.cap), 2)

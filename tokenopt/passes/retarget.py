@@ -49,12 +49,21 @@ def retarget_token_sizes(gm: fx.GraphModule) -> int:
     n0 = info.num_tokens
     n_patch = info.num_patch_tokens
     batch = P.val(info.image_input).shape[0]
+    # a head's attention over the stream behind tokens of its own (CaiT's class attention over
+    # cat([cls, x])) sizes its keys n0 + those
+    pooled = tuple(sorted({int(P.val(r.attention.k).shape[-2]) for r in info.head_readers
+                           if r.kind == "attn_pool" and r.attention is not None} - {n0, n_patch}))
+    from tokenopt.passes.find_blocks import image_dependent_nodes
+
+    # a reshape of a value computed from weights alone (BEiT's relative-position table laid out [N, N, H])
+    # keeps the captured sizes: the tables are indexed for the current tokens after it (``pair_gather``)
+    data = image_dependent_nodes(gm)
     started, replaced = False, 0
     for node in list(gm.graph.nodes):
         # everything before the first token op still sees the captured token count
         started = started or str(node.meta.get(META_ROLE, "")).startswith("tokens.") or (
             node.meta.get(META_PROVENANCE, {}).get("pass") == "realize_tokens")
-        if not started or not P.is_call(node, _VIEW_OPS):
+        if not started or not P.is_call(node, _VIEW_OPS) or node not in data:
             continue
         if node.target == aten.view.default:
             # attention that now takes a mask may lay its output out differently (its decomposed
@@ -66,13 +75,13 @@ def retarget_token_sizes(gm: fx.GraphModule) -> int:
         if src_val is None:
             continue
         # the captured sizes that may change: the token count, and the batch once tokens are packed
-        keys = (n0, n_patch, batch) if n_patch != n0 else (n0, batch)
+        keys = ((n0, n_patch, batch) if n_patch != n0 else (n0, batch)) + pooled
         for key in keys:
             hits = [i for i, s in enumerate(shape) if _same_size(s, key)]
             if not hits:
                 continue
             dims = [d for d, s in enumerate(src_val.shape) if _same_size(s, key)]
-            if (key is batch or key is n_patch) and not dims:
+            if (key is batch or key is n_patch or key in pooled) and not dims:
                 continue  # a parameter expanded to the image batch (a pooling query), or not token data
             if len(hits) != 1 or len(dims) != 1:
                 raise RewriteError(
