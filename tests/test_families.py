@@ -127,9 +127,31 @@ def _siglip_reference(model, img):
     return model.head(model.head_drop(model.fc_norm(pooled)))
 
 
+def _beit_reference(model, img):
+    """BEiT: a relative-position bias per block (its own table, ``[1, H, N, N]``), CLS + mean-pooled head."""
+    with _SDPASpy() as spy:
+        x = model.patch_embed(img)
+        x = torch.cat((model.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        if model.pos_embed is not None:
+            x = x + model.pos_embed
+        spy.pos = torch.arange(x.shape[1]).expand(x.shape[0], -1)
+        shared = model.rel_pos_bias() if model.rel_pos_bias is not None else None
+        size = None
+        for blk in model.blocks:
+            a = blk.attn(blk.norm1(x), shared_rel_pos_bias=shared)
+            x = x + (blk.gamma_1 * a if blk.gamma_1 is not None else a)
+            x, size = _tome_step(spy, x, size, 1)
+            m = blk.mlp(blk.norm2(x))
+            x = x + (blk.gamma_2 * m if blk.gamma_2 is not None else m)
+        x = model.norm(x)
+    return model.head(model.head_drop(model.fc_norm(ref.sized_mean(x, size, 1))))
+
+
 FAMILIES = {
     "eva02 (rotary)": ("eva02_tiny_patch14_224", _eva_reference),
     "relpos vit": ("vit_relpos_small_patch16_224", _relpos_reference),
+    # its table is laid out [N, N, H] by a reshape of weights alone, after the first token op
+    "beit (relative-position bias per block)": ("beit_base_patch16_224", _beit_reference),
     "siglip (attention pool)": ("vit_base_patch16_siglip_224", _siglip_reference),
 }
 
@@ -138,10 +160,10 @@ FAMILIES = {
 def test_tome_on_side_table_and_pooling_families_matches_eager_reference(family):
     name, reference = FAMILIES[family]
     model = timm_model(name, depth=3)
-    if name.startswith("vit_relpos"):  # make the relative-position tables non-trivial
+    if name.startswith(("vit_relpos", "beit")):  # make the relative-position tables non-trivial
         with torch.no_grad():
-            for prm in model.parameters():
-                if prm.dim() == 2 and prm.shape[0] > 100 and prm.shape[1] == 6:
+            for pname, prm in model.named_parameters():
+                if prm.dim() == 2 and prm.shape[0] > 100 and prm.shape[1] == 6 or "relative_position_bias_table" in pname:
                     prm.normal_(0, 1)
     x = torch.randn(2, 3, 224, 224)
     gm = tokenopt.optimize(model, policy="tome", r=R)

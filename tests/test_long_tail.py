@@ -601,3 +601,157 @@ def test_a_batch_size_fixed_by_export_is_said_at_capture_and_at_call():
     with pytest.warns(StaticBatchWarning), pytest.raises(tokenopt.passes.RewriteError,
                                                          match=r"packed.*fixed it at 2.*Fix: write x\.shape\[0\].*mode='padded'"):
         optimize(model, policy="ats")
+
+
+# -- item: block shapes tokenopt does not reduce, each refused with its reason ----------------------------
+
+
+class ParallelBlk(Blk):
+    """Two attention branches added to the stream one after the other (timm's ParallelThingsBlock sums
+    them first: tests/test_families checks that form)."""
+
+    def __init__(self, attn):
+        super().__init__(attn)
+        self.attn2 = LayoutAttention("permute_k_bhnd")
+
+    def forward(self, x):
+        h = self.norm1(x)
+        x = x + self.attn(h) + self.attn2(h)
+        return x + self.mlp(self.norm2(x))
+
+
+class GridBlk(Blk):
+    """A residual stream kept as [B, H, W, C] (Swin, SAM): attention over the flattened grid."""
+
+    def forward(self, x):
+        b, h, w, c = x.shape
+        x = x + self.attn(self.norm1(x).reshape(b, h * w, c)).reshape(b, h, w, c)
+        return x + self.mlp(self.norm2(x))
+
+
+class GridViT(TinyViT):
+    def forward(self, img):
+        x = self.patch(img).permute(0, 2, 3, 1)  # [B, H, W, C]
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(self.norm(x).mean((1, 2)))
+
+
+class WindowAttention(LayoutAttention):
+    """Attention inside windows of 4 tokens: the batch axis of q/k/v is images x windows (Swin's
+    attention on a [B, N, C] stream, as Hugging Face's Swin keeps it)."""
+
+    def __init__(self):
+        super().__init__("window")
+
+    def forward(self, x):
+        b, n, c = x.shape
+        w = x[:, 1:].reshape(b * (n - 1) // 4, 4, c)  # the patches, 4 per window (the CLS attends alone)
+        q, k, v = self.heads(w)
+        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n - 1, c)
+        return self.proj(torch.cat([x[:, :1], o], 1))
+
+
+def _parallel_vit():
+    torch.manual_seed(0)
+    model = TinyViT(lambda: LayoutAttention("permute_k_bhnd"))
+    model.blocks = nn.ModuleList(ParallelBlk(LayoutAttention("permute_k_bhnd")) for _ in range(DEPTH))
+    return model.eval()
+
+
+def _grid_vit():
+    torch.manual_seed(0)
+    model = GridViT(lambda: LayoutAttention("permute_k_bhnd"))
+    model.blocks = nn.ModuleList(GridBlk(LayoutAttention("permute_k_bhnd")) for _ in range(DEPTH))
+    return model.eval()
+
+
+REFUSED_SHAPES = {
+    "parallel branches": (_parallel_vit, tokenopt.BlockStructureError,
+                          r"attention node \w+ \(blocks\.0\.attn\).*is not followed by an MLP residual.*parallel or "
+                          r"MLP-free blocks are not supported yet\. Fix: policy='none'"),
+    "[B, H, W, C] stream": (_grid_vit, tokenopt.BlockStructureError,
+                            r"\(blocks\.0\.attn\).*no residual add.*the residual stream is kept as \[B, H, W, C\].*"
+                            r"tokenopt does not reduce such models\. Fix: policy='none'"),
+    "windows": (lambda: TinyViT(WindowAttention).eval(), tokenopt.passes.RewriteError,
+                r"block 0 \(blocks\.0\.attn\): attention \w+ runs over windows \(its batch axis is 4\*s\d+, images x "
+                r"windows of 4 tokens.*tokenopt does not reduce windowed attention\. Fix: policy='none'"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED_SHAPES))
+def test_block_shapes_without_reductions_are_refused_with_the_reason_and_none_equals_the_model(name):
+    build, error, says = REFUSED_SHAPES[name]
+    model = build()
+    with pytest.raises(error, match=says):
+        optimize(model, policy="tome", r=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BlocksNotRecognisedWarning)
+        gm = optimize(model, policy="none")
+    x = torch.randn(3, 3, IMG, IMG)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x))
+
+
+def test_a_pooling_hierarchy_is_refused_naming_its_token_counts():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("pit_ti_224", img_size=64, num_classes=5).eval()
+    example = (torch.randn(2, 3, 64, 64),)
+    with pytest.raises(tokenopt.passes.RewriteError,
+                       match=r"tome: the blocks run at several token counts \(50 in blocks 0, 1; 17 in blocks 2, "
+                             r".*5 in blocks 8, .*pooling hierarchy.*Fix: policy='none'"):
+        tokenopt.optimize(model, policy="tome", r=2, example_inputs=example)
+    gm = tokenopt.optimize(model, policy="none", example_inputs=example)
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x))
+
+
+class ClassAttnHeadViT(TinyViT):
+    """Patch tokens only through the blocks, then a class token attends over cat([cls, x]) with its
+    heads mixed around the softmax (vit-pytorch's CaiT class attention, written by hand)."""
+
+    def __init__(self):
+        super().__init__(lambda: LayoutAttention("permute_k_bhnd"))
+        self.pos = nn.Parameter(torch.randn(1, PATCHES, DIM) * 0.5)
+        self.cls_attn = TalkingHeadsAttention()
+
+    def cls_head(self, x):
+        u = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1)
+        b, n, c = u.shape
+        att = self.cls_attn
+        q, k, v = att.heads(u)
+        a = att.pre(((q[:, :, :1] * att.scale) @ k.transpose(-2, -1)).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        a = att.post(a.softmax(-1).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return att.proj((a @ v).transpose(1, 2).reshape(b, 1, c))[:, 0]
+
+    def forward(self, img):
+        x = self.patch(img).flatten(2).transpose(1, 2) + self.pos
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(self.norm(self.cls_head(x)))
+
+
+def test_a_talking_heads_class_attention_head_reads_the_merged_tokens_like_the_eager_reference():
+    torch.manual_seed(0)
+    model = ClassAttnHeadViT().eval()
+    gm = optimize(model, policy="tome", r=3)
+    assert [r.kind for r in tokenopt.get_model_info(gm).head_readers] == ["attn_pool"]
+    assert "tokenopt.coverage" not in gm.meta or not gm.meta["tokenopt.coverage"]  # nothing left unread
+    x = torch.randn(3, 3, IMG, IMG)
+    ident = lambda t: t  # noqa: E731
+    blocks = [Block(b.norm1, b.attn.heads, (DIM // HEADS) ** -0.5, b.attn.proj, ident, b.norm2, b.mlp, ident)
+              for b in model.blocks]
+    with torch.no_grad():
+        tokens, _valid, size, _counts = run_blocks(blocks, model.patch(x).flatten(2).transpose(1, 2) + model.pos, 0,
+                                                   Policy("tome", tuple(range(DEPTH)), r=3))
+        # the class token's own key unbiased, each merged token's log(size) in the logits before the softmax
+        bias = F.pad(size[..., 0].log(), (1, 0))[:, None, None, :]
+        att = model.cls_attn
+        u = torch.cat([model.cls.expand(3, -1, -1), tokens], 1)
+        q, k, v = att.heads(u)
+        a = att.pre(((q[:, :, :1] * att.scale) @ k.transpose(-2, -1)).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        a = att.post((a + bias).softmax(-1).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        expected = model.head(model.norm(att.proj((a @ v).transpose(1, 2).reshape(3, 1, DIM))[:, 0]))
+        torch.testing.assert_close(gm(x), expected, atol=2e-5, rtol=1e-4)
+    assert tokenopt.token_counts(gm, x)[DEPTH - 1].tolist() == [PATCHES - 3 * DEPTH] * 3

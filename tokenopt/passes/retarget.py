@@ -30,6 +30,14 @@ def _same_size(size: Any, key: Any) -> bool:
     return isinstance(size, torch.SymInt) and str(size) == str(key)
 
 
+def _same_dim(size: Any, src: fx.Node, j: int) -> bool:
+    """``size`` (a target shape entry) is axis ``j`` of ``src``: the same static size or symbol, or
+    ``sym_size(src, j)`` itself."""
+    if isinstance(size, fx.Node) and size.target == aten.sym_size.int and size.args[:2] == (src, j):
+        return True
+    return _same_size(size, P.val(src).shape[j])
+
+
 _VIEW_OPS = {aten.reshape.default, aten.view.default, aten._unsafe_view.default, aten.expand.default}
 
 
@@ -83,6 +91,12 @@ def retarget_token_sizes(gm: fx.GraphModule) -> int:
             dims = [d for d, s in enumerate(src_val.shape) if _same_size(s, key)]
             if (key is batch or key is n_patch or key in pooled) and not dims:
                 continue  # a parameter expanded to the image batch (a pooling query), or not token data
+            if len(hits) > 1 or len(dims) > 1:
+                # [B, N, C] <-> [B, N, 3, H, D] with D == N: the axis that keeps the input's leading axes
+                # unchanged in front of it, at the same place, is the token axis itself
+                kept = [i for i in hits if i in dims and all(_same_dim(shape[j], src, j) for j in range(i))]
+                if len(kept) == 1:
+                    hits, dims = kept, kept
             if len(hits) != 1 or len(dims) != 1:
                 raise RewriteError(
                     f"cannot tell which size of {node.name} ({node.format_node()}) is {key}: it appears "
