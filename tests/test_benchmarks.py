@@ -3,6 +3,7 @@ not in tests)."""
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -11,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _load(name):
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses in the script look their module up
     spec.loader.exec_module(module)
     return module
 
@@ -67,3 +69,20 @@ def test_bench_deploy_runs_and_writes_json(tmp_path, monkeypatch):
     data = json.loads(out.read_text())
     assert set(data["onnx"]["topk"]) == {"eager", "torch", "ort"} and all(v > 0 for v in data["onnx"]["topk"].values())
     assert data["min_batch"]["topk"]["threshold"] in (1, 2, 3) and set(data["min_batch"]["topk"]["gains"]) <= {"1", "2"}
+
+
+def test_survey_models_reports_each_cell(tmp_path, capsys):
+    out = tmp_path / "s.json"
+    survey = _load("survey_models")
+    assert survey.main(["--only", "hand/sdpa", "hand/talking_heads", "hand/mha_weights", "--policies", "none", "tome",
+                        "ats", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    cells = {name: {p: c["outcome"] for p, c in r["cells"].items()} for name, r in data.items()}
+    assert cells == {
+        "hand/sdpa": {"none": "equal", "tome": "reduced", "ats": "reduced"},
+        "hand/talking_heads": {"none": "equal", "tome": "reduced", "ats": "refused"},
+        "hand/mha_weights": {"none": "equal", "tome": "refused", "ats": "refused"},
+    }
+    assert 0.3 < data["hand/sdpa"]["cells"]["tome"]["flops_ratio"] < 0.9
+    text = capsys.readouterr().out
+    assert "| hand/talking_heads |" in text and "mixes its heads around the softmax" in text

@@ -149,6 +149,18 @@ LAYOUTS = {
 }
 
 
+def _matches_reference(gm, model, reference_fn, pol):
+    """``gm`` equals ``reference_fn(model, x, pol)`` on a fresh batch, block by block counts included,
+    and something was reduced."""
+    x = torch.randn(3, 3, IMG, IMG)
+    with torch.no_grad():
+        expected, ref_counts = reference_fn(model, x, pol)
+        torch.testing.assert_close(gm(x), expected, atol=2e-5, rtol=1e-4)
+    counts = tokenopt.token_counts(gm, x)
+    assert {b: c.tolist() for b, c in counts.items()} == {b: c.tolist() for b, c in ref_counts.items()}
+    assert counts[DEPTH - 1].tolist() != [PATCHES + 1] * 3  # something was reduced
+
+
 def optimize(model, **options):
     return tokenopt.optimize(model, example_inputs=(torch.randn(2, 3, IMG, IMG),), **options)
 
@@ -200,13 +212,7 @@ def test_layout_reductions_equal_the_eager_reference(layout, key):
     model = _model(layout)
     options, pol = POLICIES[key]
     gm = optimize(model, **options)
-    x = torch.randn(3, 3, IMG, IMG)
-    with torch.no_grad():
-        expected, ref_counts = reference(model, x, pol)
-        torch.testing.assert_close(gm(x), expected, atol=2e-5, rtol=1e-4)
-    counts = tokenopt.token_counts(gm, x)
-    assert {b: c.tolist() for b, c in counts.items()} == {b: c.tolist() for b, c in ref_counts.items()}
-    assert counts[DEPTH - 1].tolist() != [PATCHES + 1] * 3  # something was reduced
+    _matches_reference(gm, model, reference, pol)
     # every manual chain became one SDPA node (the pattern matched in each block)
     assert gm.meta["tokenopt.counters"]["canonicalize_attention"]["sdpa"] == DEPTH
 
@@ -462,13 +468,7 @@ def test_talking_heads_blocks_are_found_and_reduced_like_the_eager_reference(key
     info = tokenopt.get_model_info(gm)
     assert len(info.blocks) == DEPTH and all(b.attention.head_mix for b in info.blocks)
     assert gm.meta["tokenopt.counters"]["canonicalize_attention"]["sdpa"] == 0  # SDPA cannot mix heads
-    x = torch.randn(3, 3, IMG, IMG)
-    with torch.no_grad():
-        expected, ref_counts = _talking_heads_reference(model, x, pol)
-        torch.testing.assert_close(gm(x), expected, atol=2e-5, rtol=1e-4)
-    counts = tokenopt.token_counts(gm, x)
-    assert {b: c.tolist() for b, c in counts.items()} == {b: c.tolist() for b, c in ref_counts.items()}
-    assert counts[DEPTH - 1].tolist() != [PATCHES + 1] * 3
+    _matches_reference(gm, model, _talking_heads_reference, pol)
 
 
 def test_talking_heads_with_per_image_counts_is_refused_with_the_reason():
@@ -652,6 +652,21 @@ class WindowAttention(LayoutAttention):
         return self.proj(torch.cat([x[:, :1], o], 1))
 
 
+class SliceSkipBlk(Blk):
+    """Attention added onto a slice of the stream (the class token alone: CrossViT's cross-attention)."""
+
+    def forward(self, x):
+        x = torch.cat([x[:, :1] + self.attn(self.norm1(x))[:, :1], x[:, 1:]], 1)
+        return x + self.mlp(self.norm2(x))
+
+
+def _slice_skip_vit():
+    torch.manual_seed(0)
+    model = TinyViT(lambda: LayoutAttention("permute_k_bhnd"))
+    model.blocks = nn.ModuleList(SliceSkipBlk(LayoutAttention("permute_k_bhnd")) for _ in range(DEPTH))
+    return model.eval()
+
+
 def _parallel_vit():
     torch.manual_seed(0)
     model = TinyViT(lambda: LayoutAttention("permute_k_bhnd"))
@@ -673,6 +688,9 @@ REFUSED_SHAPES = {
     "[B, H, W, C] stream": (_grid_vit, tokenopt.BlockStructureError,
                             r"\(blocks\.0\.attn\).*no residual add.*the residual stream is kept as \[B, H, W, C\].*"
                             r"tokenopt does not reduce such models\. Fix: policy='none'"),
+    "slice skip": (_slice_skip_vit, tokenopt.BlockStructureError,
+                   r"\(blocks\.0\.attn\).*no residual add.*its skip is a slice of the stream \(\w+: the class token "
+                   r"alone.*Fix: policy='none'"),
     "windows": (lambda: TinyViT(WindowAttention).eval(), tokenopt.passes.RewriteError,
                 r"block 0 \(blocks\.0\.attn\): attention \w+ runs over windows \(its batch axis is 4\*s\d+, images x "
                 r"windows of 4 tokens.*tokenopt does not reduce windowed attention\. Fix: policy='none'"),
@@ -755,3 +773,82 @@ def test_a_talking_heads_class_attention_head_reads_the_merged_tokens_like_the_e
         expected = model.head(model.norm(att.proj((a @ v).transpose(1, 2).reshape(3, 1, DIM))[:, 0]))
         torch.testing.assert_close(gm(x), expected, atol=2e-5, rtol=1e-4)
     assert tokenopt.token_counts(gm, x)[DEPTH - 1].tolist() == [PATCHES - 3 * DEPTH] * 3
+
+
+class SuffixTokenViT(TinyViT):
+    """Learned tokens appended after the patches and read by the head at the end (YOLOS's detection
+    tokens)."""
+
+    def __init__(self):
+        super().__init__(lambda: LayoutAttention("permute_k_bhnd"))
+        self.det = nn.Parameter(torch.randn(1, 2, DIM))
+        self.pos = nn.Parameter(torch.randn(1, PATCHES + 3, DIM) * 0.5)
+
+    def forward(self, img):
+        x = self.patch(img).flatten(2).transpose(1, 2)
+        b = x.shape[0]
+        x = torch.cat([self.cls.expand(b, -1, -1), x, self.det.expand(b, -1, -1)], 1) + self.pos
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(self.norm(x)[:, -2:].mean(1))
+
+
+def test_tokens_appended_after_the_patches_are_refused_by_reductions():
+    torch.manual_seed(0)
+    model = SuffixTokenViT().eval()
+    with pytest.raises(tokenopt.passes.RewriteError,
+                       match=r"tome: the token sequence ends in 2 tokens that do not come from the image.*"
+                             r"Fix: policy='none'"):
+        optimize(model, policy="tome", r=2)
+    gm = optimize(model, policy="none")
+    assert tokenopt.get_model_info(gm).num_suffix_tokens == 2
+    x = torch.randn(3, 3, IMG, IMG)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x))
+
+
+class PooledKeysAttention(LayoutAttention):
+    """Keys and values from the tokens pooled 4 to 1 (PVT's spatial-reduction attention, MViT)."""
+
+    def __init__(self):
+        super().__init__("pooled_keys")
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q = self.heads(x)[0]
+        pooled = F.avg_pool1d(x[:, 1:].transpose(1, 2), 4).transpose(1, 2)  # [B, N/4, C]
+        _, k, v = self.heads(pooled)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
+
+
+class ImageMaskAttention(LayoutAttention):
+    """An additive key mask computed from the block's input (a padding mask): sized for the full token
+    count, and not a table tokenopt can index by position."""
+
+    def __init__(self):
+        super().__init__("image_mask")
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.heads(x)
+        mask = torch.where(x[..., 0] > 1e4, float("-inf"), 0.0)[:, None, None, :]  # [B, 1, 1, N], all zero here
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(o.transpose(1, 2).reshape(b, n, c))
+
+
+def test_pooled_keys_are_refused_and_a_model_mask_in_every_block_gets_the_fix_that_works():
+    torch.manual_seed(0)
+    with pytest.raises(tokenopt.BlockStructureError,
+                       match=r"\(blocks\.0\.attn\).*attends from 17 queries to 4 keys \(pooled queries or keys.*"
+                             r"Fix: policy='none'"):
+        optimize(TinyViT(PooledKeysAttention).eval(), policy="tome", r=2)
+    model = TinyViT(ImageMaskAttention).eval()
+    # every block takes the mask: reducing "after it" is no way out, so the fix says none
+    with pytest.raises(tokenopt.passes.RewriteError,
+                       match=r"already takes a mask from the model.*Fix: none here: the last block \(2\) has such "
+                             r"attention too \(3 of 3 blocks do\).*policy='none'"):
+        optimize(model, policy="tome", r=2)
+    gm = optimize(model, policy="none")
+    x = torch.randn(3, 3, IMG, IMG)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x))

@@ -149,6 +149,8 @@ class ModelInfo:
         num_patch_tokens: tokens that come from the image.
         head_readers: how the head reads the tokens after the last block.
         image_input: the placeholder holding the image batch.
+        num_suffix_tokens: tokens after the patch tokens that do not come from the image (YOLOS's
+            detection tokens); counted among ``num_patch_tokens``. Reductions refuse such models.
     """
 
     blocks: list[BlockInfo]
@@ -158,6 +160,7 @@ class ModelInfo:
     head_readers: list[HeadReader]
     image_input: fx.Node
     prefix_cat: Optional[fx.Node] = None
+    num_suffix_tokens: int = 0
 
     @property
     def num_tokens(self) -> int:

@@ -310,6 +310,17 @@ def _leading_prefix(finder: _Finder, node: fx.Node) -> int:
     return 0
 
 
+def _trailing_suffix(finder: _Finder, cat: fx.Node) -> int:
+    """Tokens at the end of the sequence-building ``cat`` that do not come from the image (YOLOS appends
+    its detection tokens after the patches)."""
+    suffix = 0
+    for part in reversed(cat.args[0]):
+        if part is finder.image or part in finder.g and finder.image in finder.ancestors(part):
+            break
+        suffix += int(P.val(part).shape[1])
+    return suffix
+
+
 def _head_readers(finder: _Finder, x_out: fx.Node, pools: list[AttentionInfo] = ()) -> list[HeadReader]:
     readers, frontier, seen = [], [x_out], set()
     offset = {x_out: 0}  # tokens put in front of the stream by a cat (CaiT: cat([cls, x]) before the norm)
@@ -469,11 +480,16 @@ def find_blocks(gm: fx.GraphModule) -> PassResult:
             if blocks and finder.order[att.core] > finder.order[blocks[-1].x_out]:
                 pools.append(att)
                 continue
+            where = ("before or between the self-attention blocks" if blocks else
+                     "with no self-attention block recognised before it" + (
+                         f" (the softmaxes in {', '.join(sorted({_module_path(n) for n in gm.graph.nodes if P.is_call(n, P.SOFTMAX_OPS) and finder.order[n] < finder.order[att.core]})[:3])} are "
+                         "not attention tokenopt reads: channel attention, say)"
+                         if any(P.is_call(n, P.SOFTMAX_OPS) and finder.order[n] < finder.order[att.core]
+                                for n in gm.graph.nodes) else ""))
             raise BlockStructureError(
                 f"attention node {att.core.name} ({_module_path(att.core) or 'unknown module'}) in {name} "
-                f"attends from {n_q} queries to {n_k} keys (pooled queries or keys, class or cross-attention) before "
-                "or between the self-attention blocks; tokenopt reduces tokens in self-attention blocks on one "
-                f"token stream. Fix: {_FIX}.")
+                f"attends from {n_q} queries to {n_k} keys (pooled queries or keys, class or cross-attention) "
+                f"{where}; tokenopt reduces tokens in self-attention blocks on one token stream. Fix: {_FIX}.")
         attn_res = next(
             (r for r in residuals
              if att.core in finder.ancestors(r[2]) | {r[2]} and att.core not in finder.ancestors(r[1])),
@@ -571,6 +587,7 @@ def find_blocks(gm: fx.GraphModule) -> PassResult:
         head_readers=_head_readers(finder, blocks[-1].x_out, pools),
         image_input=finder.image,
         prefix_cat=cat,
+        num_suffix_tokens=_trailing_suffix(finder, cat) if cat is not None else 0,
     )
     gm.meta[MODEL_INFO] = info
     gm.meta.setdefault("tokenopt.counters", {})["find_blocks"] = {"patterns": dict(finder.matched)}

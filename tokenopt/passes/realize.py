@@ -333,15 +333,22 @@ class RealizeTokens:
                 raise RewriteError(f"{d.policy}: block {d.block} does not exist; the model has blocks "
                                    f"0..{len(info.blocks) - 1}")
             by_site.setdefault((d.block, d.site), []).append(d)
+        if plan and info.num_suffix_tokens:
+            raise RewriteError(
+                f"{plan[0].policy}: the token sequence ends in {info.num_suffix_tokens} tokens that do not come "
+                "from the image (YOLOS's detection tokens), which the head reads by their place at the end; "
+                "tokenopt keeps only leading tokens (CLS, registers) in place and would drop or merge these "
+                "like patches. Fix: policy='none' runs the model as captured")
         counts_found = sorted({b.tokens for b in info.blocks}, reverse=True)
         if plan and len(counts_found) > 1:
             stages = "; ".join(
                 f"{n} in blocks {', '.join(str(b.index) for b in info.blocks if b.tokens == n)}" for n in counts_found)
             raise RewriteError(
                 f"{plan[0].policy}: the blocks run at several token counts ({stages}): a pooling hierarchy "
-                "(PiT, or any model that pools tokens between stages), whose pooling needs each stage's full "
-                "token grid; tokenopt reduces models whose blocks share one token stream. Fix: policy='none' "
-                "runs the model as captured")
+                "(PiT, LeViT: tokens pooled between stages) or branches at several resolutions (CrossViT), "
+                "whose pooling or exchange between branches needs each stage's full token grid; tokenopt "
+                "reduces models whose blocks share one token stream. Fix: policy='none' runs the model as "
+                "captured")
         state = TokenState(length=info.num_tokens, active=info.num_tokens)
         self.decisions: list[dict] = []
         self.halting: list[dict] = []
@@ -522,14 +529,30 @@ class RealizeTokens:
             if att.kind != "sdpa":
                 raise RewriteError(
                     f"block {blk.index} ({blk.module_path}): attention {att.core.name} is a manual chain whose "
-                    "intermediate results are used elsewhere, so the token bias cannot be added; reduce "
-                    "tokens only in blocks after it (blocks=...)")
+                    "intermediate results are used elsewhere, so the token bias cannot be added. Fix: "
+                    + self._blocks_after_fix(gm))
             if att.attn_mask is not None:
                 raise RewriteError(
                     f"block {blk.index} ({blk.module_path}): attention {att.core.name} already takes a mask from "
-                    "the model, sized for the full token count; reduce tokens only after this block (blocks=...)")
+                    "the model, sized for the full token count (not a table tokenopt indexes by position). Fix: "
+                    + self._blocks_after_fix(gm))
             P.set_sdpa_mask(att.core, state.bias)
             _settle_layout(gm, att.core, blk.index)
+
+    def _blocks_after_fix(self, gm: fx.GraphModule) -> str:
+        """The fix for attention that cannot take a token bias (a model mask that is not a table tokenopt
+        indexes, a manual chain used elsewhere): reduce only after the last such block, or, when the last
+        block has one too, run the model unreduced."""
+        blocks = get_model_info(gm).blocks
+        stuck = [b.index for b in blocks
+                 if b.attention.attn_mask is not None and b.attention.attn_mask not in self.tables
+                 or b.attention.kind == "manual" and not b.attention.head_mix]
+        if stuck and stuck[-1] == blocks[-1].index:
+            return (f"none here: the last block ({stuck[-1]}) has such attention too ({len(stuck)} of "
+                    f"{len(blocks)} blocks do), so no block can be reduced ahead of the head; policy='none' "
+                    "runs the model as captured")
+        first = stuck[-1] + 1 if stuck else 0
+        return f"reduce tokens only in blocks {first} to {blocks[-1].index} (blocks=range({first}, {len(blocks)}))"
 
     def _bias_logits(self, gm, blk: BlockInfo, state: TokenState, policy: str) -> None:
         """Talking-heads attention (a manual chain): the key bias goes into the logits right before the
