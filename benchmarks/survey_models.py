@@ -27,7 +27,7 @@ import time
 import traceback
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -269,7 +269,8 @@ def _short(message: str, width: int = 150) -> str:
 
 
 def run_cell(model: nn.Module, x: torch.Tensor, policy: str, base_flops: int, ref: torch.Tensor,
-             options: dict = {}) -> dict:  # noqa: B006 (read only)
+             options: Optional[dict] = None) -> dict:
+    options = options or {}
     started = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from tokenopt.ir import META_BLOCK, META_ROLE, stamp
+from tokenopt.ir import META_ROLE, stamp
 from tokenopt.passes import patterns as P
 from tokenopt.passes.find_blocks import _module_path, get_model_info
 from tokenopt.passes.realize import RewriteError
@@ -118,16 +118,18 @@ def canonicalize_attention(gm: fx.GraphModule) -> PassResult:
                 {"attn_mask": att.attn_mask, "scale": att.scale} if att.attn_mask is not None else {"scale": att.scale},
             )
         sdpa.meta["val"] = att.core.meta.get("val")
-        stamp(sdpa, block=index)
+        stamp(sdpa, block=index)  # (sets META_BLOCK for a block's core)
         if index is not None:
             sdpa.meta[META_ROLE] = "attn.core"
-            sdpa.meta[META_BLOCK] = index
         att.core.replace_all_uses_with(sdpa)
         for node in reversed(chain):
             if not node.users:
                 gm.graph.erase_node(node)
         att.kind, att.core, att.softmax, att.matmul_qk = "sdpa", sdpa, None, None
-        done, head = (done + 1, head) if index is not None else (done, head + 1)
+        if index is None:
+            head += 1
+        else:
+            done += 1
     gm.graph.eliminate_dead_code()
     gm.meta.setdefault("tokenopt.counters", {})["canonicalize_attention"] = {
         "sdpa": done, "head_sdpa": head, "masks_dropped": dropped, "dead_nodes": dead}

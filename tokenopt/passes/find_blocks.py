@@ -471,21 +471,19 @@ def find_blocks(gm: fx.GraphModule) -> PassResult:
     blocks: list[BlockInfo] = []
     pools: list[AttentionInfo] = []  # attention with no residual around it, after the blocks: a pooling head
     for att in cores:
-        # the scores' last two sizes (a manual chain may hold its keys in another layout)
-        n_q, n_k = P.val(att.matmul_qk if att.kind == "manual" else att.q).shape[-2], (
-            P.val(att.matmul_qk).shape[-1] if att.kind == "manual" else P.val(att.k).shape[-2])
+        n_q, n_k = P.attention_counts(att)
         if n_q != n_k:
             # queries from fewer tokens than the keys: CaiT's class attention, a pooling query (MAP head),
             # cross-attention. After the blocks it is part of the head: it reads the reduced tokens
             if blocks and finder.order[att.core] > finder.order[blocks[-1].x_out]:
                 pools.append(att)
                 continue
-            where = ("before or between the self-attention blocks" if blocks else
-                     "with no self-attention block recognised before it" + (
-                         f" (the softmaxes in {', '.join(sorted({_module_path(n) for n in gm.graph.nodes if P.is_call(n, P.SOFTMAX_OPS) and finder.order[n] < finder.order[att.core]})[:3])} are "
-                         "not attention tokenopt reads: channel attention, say)"
-                         if any(P.is_call(n, P.SOFTMAX_OPS) and finder.order[n] < finder.order[att.core]
-                                for n in gm.graph.nodes) else ""))
+            earlier = sorted({_module_path(n) for n in gm.graph.nodes
+                              if P.is_call(n, P.SOFTMAX_OPS) and finder.order[n] < finder.order[att.core]})
+            where = "before or between the self-attention blocks" if blocks else (
+                "with no self-attention block recognised before it" + (
+                    f" (the softmaxes in {', '.join(earlier[:3])} are not attention tokenopt reads: channel "
+                    "attention, say)" if earlier else ""))
             raise BlockStructureError(
                 f"attention node {att.core.name} ({_module_path(att.core) or 'unknown module'}) in {name} "
                 f"attends from {n_q} queries to {n_k} keys (pooled queries or keys, class or cross-attention) "

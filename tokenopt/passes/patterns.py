@@ -328,6 +328,14 @@ def head_mix_labels(chain: list[fx.Node], start: fx.Node, heads: int) -> Optiona
     return tuple(labels)
 
 
+def attention_counts(att) -> tuple[Any, Any]:
+    """(queries, keys) of an attention core (an ``AttentionInfo``), read from its scores: a manual
+    chain may hold its keys in another layout, so its ``q k^T`` node is read there."""
+    if att.kind == "manual":
+        return tuple(val(att.matmul_qk).shape[-2:])
+    return val(att.q).shape[-2], val(att.k).shape[-2]
+
+
 def scores_input(node: fx.Node) -> Any:
     """The logits operand of an attention output node (``probs`` of ``probs @ v``)."""
     return node.args[1][0] if is_call(node, EINSUM_OPS) else node.args[0]

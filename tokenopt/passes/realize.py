@@ -94,7 +94,7 @@ def _keys_in_front(gm: fx.GraphModule, att) -> int:
     (CaiT's class attention over ``cat([cls, x])``): 0 when its keys are the stream's tokens. Raises
     when they are put elsewhere (behind or between): the key bias could not line up."""
     n0 = get_model_info(gm).num_tokens
-    nk = int(P.val(att.matmul_qk).shape[-1] if att.kind == "manual" else P.val(att.k).shape[-2])
+    nk = int(P.attention_counts(att)[1])
     if nk == n0:
         return 0
     stack, seen = [att.k], set()
@@ -114,6 +114,22 @@ def _keys_in_front(gm: fx.GraphModule, att) -> int:
         f"the head's attention {att.core.name} ({_module_path(att.core)}) runs over {nk} keys, the "
         f"{n0} block tokens and others not put in front of them, so the reduced tokens cannot be lined up "
         "with its keys; use policy='none' for this model")
+
+
+def _refuse_padding_after_mixing(att, state: TokenState, who: str, also: str = "") -> None:
+    """Heads mixed after the softmax give a key of probability 0 a weight again (the mixing's bias), so
+    padding keys cannot be masked there: per-image counts are refused."""
+    if state.valid is not None and _mixes_after(att):
+        raise RewriteError(
+            f"{who} mixes its heads after the softmax (talking heads or re-attention), which gives padding keys "
+            "a weight again, so images with different token counts cannot share a padded batch through it, and "
+            f"the policy keeps per-image counts. Fix: a policy with one count per batch (tome, pitome, topk){also}")
+
+
+def _bias_logits(ins: "_Inserter", att, bias: fx.Node) -> None:
+    """A key bias into a manual chain's logits right before its softmax, where SDPA would add it."""
+    ins.anchor = att.softmax
+    att.softmax.update_arg(0, ins(aten.add.Tensor, att.softmax.args[0], bias, role="tokens.bias"))
 
 
 def _mixes_after(att) -> bool:
@@ -523,8 +539,10 @@ class RealizeTokens:
             _settle_layout(gm, att.core, blk.index)
             return
         if state.bias is not None:
-            if att.kind == "manual" and att.head_mix:
-                self._bias_logits(gm, blk, state, policy)
+            if att.kind == "manual" and att.head_mix:  # talking heads: a manual chain, biased in its logits
+                _refuse_padding_after_mixing(att, state, f"block {blk.index} ({blk.module_path}): attention "
+                                             f"{att.core.name}", ", or reduce tokens only in blocks after it (blocks=...)")
+                _bias_logits(_Inserter(gm, att.softmax, blk.index, policy), att, state.bias)
                 return
             if att.kind != "sdpa":
                 raise RewriteError(
@@ -553,23 +571,6 @@ class RealizeTokens:
                     "runs the model as captured")
         first = stuck[-1] + 1 if stuck else 0
         return f"reduce tokens only in blocks {first} to {blocks[-1].index} (blocks=range({first}, {len(blocks)}))"
-
-    def _bias_logits(self, gm, blk: BlockInfo, state: TokenState, policy: str) -> None:
-        """Talking-heads attention (a manual chain): the key bias goes into the logits right before the
-        softmax, where SDPA would add it. Heads mixed after the softmax give a key of probability 0 a
-        weight again (the mixing's bias), so padding keys cannot be masked there: refused."""
-        att = blk.attention
-        if state.valid is not None and _mixes_after(att):
-            raise RewriteError(
-                f"block {blk.index} ({blk.module_path}): attention {att.core.name} mixes its heads after the "
-                "softmax (talking heads or re-attention), which gives padding keys a weight again, so images "
-                "with different token counts cannot share a padded batch through it, and the policy keeps "
-                "per-image counts. Fix: a policy with one count per batch (tome, pitome, topk), or "
-                "reduce tokens only in blocks after it (blocks=...)")
-        ins = _Inserter(gm, att.softmax, blk.index, policy)
-        logits = att.softmax.args[0]
-        biased = ins(aten.add.Tensor, logits, state.bias, role="tokens.bias")
-        att.softmax.update_arg(0, biased)
 
     # -- sites ---------------------------------------------------------------------------------------
     def _decide(self, gm, info, blk, state, d: PlannedDecision, anchor, x):
@@ -973,17 +974,14 @@ class RealizeTokens:
                     + ", which packed tokens cannot be laid out for. Fix: mode='padded'")
             if state.bias is None:
                 return
-            if mixed and state.valid is not None and _mixes_after(att):
-                raise RewriteError(
-                    f"the head's attention {att.core.name} ({_module_path(att.core)}) mixes its heads after the "
-                    "softmax, which gives padding keys a weight again; the policy keeps per-image counts. Fix: a "
-                    "policy with one count per batch (tome, pitome, topk)")
-            if mixed:
+            if mixed:  # the bias goes in before the softmax, as for a block's talking heads
+                _refuse_padding_after_mixing(att, state, f"the head's attention {att.core.name} "
+                                             f"({_module_path(att.core)})")
                 ins.anchor = att.softmax
             bias = state.bias if not extra else ins(aten.constant_pad_nd.default, state.bias, [extra, 0], 0.0,
                                                     role="tokens.bias")
-            if mixed:  # into the logits right before the softmax, as for a block's talking heads
-                att.softmax.update_arg(0, ins(aten.add.Tensor, att.softmax.args[0], bias, role="tokens.bias"))
+            if mixed:
+                _bias_logits(ins, att, bias)
             else:
                 P.set_sdpa_mask(att.core, bias)
             return

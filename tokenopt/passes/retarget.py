@@ -59,7 +59,7 @@ def retarget_token_sizes(gm: fx.GraphModule) -> int:
     batch = P.val(info.image_input).shape[0]
     # a head's attention over the stream behind tokens of its own (CaiT's class attention over
     # cat([cls, x])) sizes its keys n0 + those
-    pooled = tuple(sorted({int(P.val(r.attention.k).shape[-2]) for r in info.head_readers
+    pooled = tuple(sorted({int(P.attention_counts(r.attention)[1]) for r in info.head_readers
                            if r.kind == "attn_pool" and r.attention is not None} - {n0, n_patch}))
     from tokenopt.passes.find_blocks import image_dependent_nodes
 
