@@ -7,7 +7,8 @@ Reads the two training runs' ``model.pt`` (``tokenopt train``, README), builds t
 first (``policy="none"``) and the packed halting graph of the second (``policy`` from its log), and
 prints test accuracy on the Fashion-MNIST test split, mean tokens per block (the tokens each block runs
 on, averaged over blocks and images) and throughput at ``--batch`` (images per second, medians over
-``--rounds`` interleaved runs; ratio = halting / no halting).
+``--rounds`` interleaved runs; ratio = halting / no halting). ``--eps`` moves the halting threshold
+(``1 - eps``) at inference only: smaller halts later (more tokens, more accuracy), larger earlier.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--test-images", type=int, default=10000)
+    ap.add_argument("--eps", type=float, default=None,
+                    help="halting threshold 1 - eps at inference (default: the eps the model was trained with)")
     ap.add_argument("--json", default="out/bench_avit.json")
     args = ap.parse_args(argv)
     import tokenopt
@@ -38,7 +41,8 @@ def main(argv=None) -> int:
     test_x, test_y = _data("test", args.test_images)
     example = (test_x[:2],)
     plain = tokenopt.optimize(base, policy="none", example_inputs=example)
-    policy = tokenopt.AViT(**halt_cfg.policy_options)
+    options = dict(halt_cfg.policy_options, **({} if args.eps is None else {"eps": args.eps}))
+    policy = tokenopt.AViT(**options)
     packed = tokenopt.optimize(halted, policy=policy, example_inputs=example)
     rows = {}
     for name, gm in (("no halting", plain), ("halting", packed)):
