@@ -8,7 +8,7 @@ first (``policy="none"``) and the packed halting graph of the second (``policy``
 prints test accuracy on the Fashion-MNIST test split, mean tokens per block (the tokens each block runs
 on, averaged over blocks and images) and throughput at ``--batch`` (images per second, medians over
 ``--rounds`` interleaved runs; ratio = halting / no halting). ``--eps`` moves the halting threshold
-(``1 - eps``) at inference only: smaller halts later (more tokens, more accuracy), larger earlier.
+(``1 - eps``) at inference only: smaller halts later (more tokens run on), larger earlier.
 """
 
 from __future__ import annotations
