@@ -9,9 +9,10 @@ For each fused op (``torch.ops.tokenopt.*``) and the chain of references in
 DeiT-Small shapes (197 tokens, 6 heads, head dim 64, fp16) and ``do_bench`` times both (median ms).
 Every pair is checked for equal outputs before it is timed.
 
-NOT RUN ON A GPU: this project's machines have no GPU, so no timing from this script has been
-measured by its authors and none is quoted anywhere in the repository. ``--check`` (which runs in the
-test suite, under the interpreter) is what has been run here.
+On a GPU, ``--check`` has run once (2026-12-01, one NVIDIA H200, torch 2.11.0+cu130, Triton 3.6.0): every
+fused op equalled its reference chain. The timing run has not been run on a GPU yet, so no timing from
+this script is quoted anywhere in the repository. ``--check`` also runs in the test suite, under the
+CPU interpreter.
 """
 
 from __future__ import annotations

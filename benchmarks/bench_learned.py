@@ -1,6 +1,7 @@
 """Learned and training-free policies on the small Fashion-MNIST ViT: one table, one run on this machine.
 
-    python benchmarks/bench_learned.py            # after the training runs of the README
+    python benchmarks/bench_learned.py                          # after the training runs of the README
+    python benchmarks/bench_learned.py --runs out/fmnist192     # the runs of scripts/train_learned.sh OUT
 
 Reads the ``tokenopt train`` runs (``--base`` the plain model; ``--avit``, ``--adavit``, ``--sait``, ``--dynamicvit``
 their fine-tuned models, with ``policy.pt`` where the policy has weights of its own) and builds each
@@ -60,12 +61,16 @@ def gates_run(gm: fx.GraphModule, x: torch.Tensor) -> tuple[float, float]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--base", default="out/fmnist_vit")
-    ap.add_argument("--avit", default="out/fmnist_avit")
-    ap.add_argument("--adavit", default="out/fmnist_adavit")
-    ap.add_argument("--sait", default="out/fmnist_sait")
+    ap.add_argument("--runs", help="a scripts/train_learned.sh folder: RUNS/base, RUNS/avit, RUNS/adavit, RUNS/sait, "
+                                   "RUNS/dvit (each overridable by its own option)")
+    ap.add_argument("--base")
+    ap.add_argument("--avit")
+    ap.add_argument("--adavit")
+    ap.add_argument("--sait")
     ap.add_argument("--sait-densities", default="0.65,0.8", help="two densities, same weights")
-    ap.add_argument("--dynamicvit", default="out/fmnist_dvit")
+    ap.add_argument("--dynamicvit")
+    ap.add_argument("--set", action="append", default=[], metavar="POLICY.KEY=VALUE",
+                    help="an inference option over the trained run's, e.g. --set avit.eps=0.001 --set dynamicvit.rho=0.8")
     ap.add_argument("--tome-r", type=int, default=16)
     ap.add_argument("--ats-max", type=float, default=0.5)
     ap.add_argument("--batch", type=int, default=64)
@@ -73,6 +78,20 @@ def main(argv=None) -> int:
     ap.add_argument("--test-images", type=int, default=10000)
     ap.add_argument("--json", default="out/bench_learned.json")
     args = ap.parse_args(argv)
+    layout = {"base": ("base", "out/fmnist_vit"), "avit": ("avit", "out/fmnist_avit"), "adavit": ("adavit", "out/fmnist_adavit"),
+              "sait": ("sait", "out/fmnist_sait"), "dynamicvit": ("dvit", "out/fmnist_dvit")}
+    for name, (sub, default) in layout.items():
+        if getattr(args, name) is None:
+            setattr(args, name, os.path.join(args.runs, sub) if args.runs else default)
+    overrides: dict[str, dict] = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        policy, dot, option = key.partition(".")
+        if not (sep and dot and option):
+            ap.error(f"--set {item!r}: expected POLICY.KEY=VALUE, e.g. avit.eps=0.001")
+        from tokenopt.cli import _parse_sets
+
+        overrides.setdefault(policy, {}).update(_parse_sets([f"{option}={value}"]))
     import tokenopt
     from tokenopt.flops import count_flops
     from tokenopt.train import _data, evaluate, load_run as _load
@@ -90,13 +109,18 @@ def main(argv=None) -> int:
             skipped.append(f"{name} ({run}: no model.pt)")
             continue
         cfg, model, policy_state = _load(run)
-        policy = tokenopt.policies.make_config(cfg.policy, **cfg.policy_options)
+        extra = overrides.pop(cfg.policy, {})
+        policy = tokenopt.policies.make_config(cfg.policy, **{**cfg.policy_options, **extra})
+        if extra:
+            name += " (" + ", ".join(f"{k} {v}" for k, v in extra.items()) + ")"
         gm = tokenopt.optimize(model, policy=policy, example_inputs=example, policy_state=policy_state)
-        if name == "SaiT":  # one graph, its density knob set before each use
+        if name.startswith("SaiT"):  # one graph, its density knob set before each use
             for d in (float(v) for v in args.sait_densities.split(",")):
                 graphs[f"SaiT (density {d})"] = (gm, {"density": d})
         else:
             graphs[name] = gm
+    if overrides:
+        ap.error(f"--set names {', '.join(sorted(overrides))}: no such trained run here (avit, adavit, sait, dynamicvit)")
     graphs = {k: v if isinstance(v, tuple) else (v, {}) for k, v in graphs.items()}
 
     def use(name):

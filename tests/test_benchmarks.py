@@ -86,3 +86,36 @@ def test_survey_models_reports_each_cell(tmp_path, capsys):
     assert 0.3 < data["hand/sdpa"]["cells"]["tome"]["flops_ratio"] < 0.9
     text = capsys.readouterr().out
     assert "| hand/talking_heads |" in text and "mixes its heads around the softmax" in text
+
+
+def test_bench_learned_reads_a_runs_folder_with_inference_options(tmp_path, capsys):
+    """``--runs`` finds the runs of ``scripts/train_learned.sh`` (a missing one is skipped and said);
+    ``--set POLICY.KEY=VALUE`` overrides a trained run's inference option, named in its row."""
+    import os
+
+    import pytest
+
+    from tokenopt.fidelity import FASHION_MNIST_ROOT
+    from tokenopt.train import parse_args, train
+
+    if not os.path.exists(os.path.join(FASHION_MNIST_ROOT, "t10k-labels-idx1-ubyte.gz")):
+        pytest.skip("Fashion-MNIST not installed (scripts/dev installs it)")
+    small = ["--train-images", "128", "--test-images", "64", "--batch", "64", "--depth", "2", "--embed-dim", "32",
+             "--epochs", "1", "--warmup-steps", "1", "--no-progress"]
+    train(parse_args(["--out", str(tmp_path / "base"), *small]), progress=False)
+    train(parse_args(["--out", str(tmp_path / "avit"), "--policy", "avit", "--init", str(tmp_path / "base" / "model.pt"),
+                      *small]), progress=False)
+    bench = _load("bench_learned")
+    with pytest.raises(SystemExit):
+        bench.main(["--runs", str(tmp_path), "--set", "eps=0.001"])  # no POLICY. prefix
+    out = tmp_path / "t.json"
+    bench.main(["--runs", str(tmp_path), "--set", "avit.eps=0.001", "--test-images", "64", "--batch", "8", "--rounds", "1",
+                "--json", str(out)])
+    rows = json.loads(out.read_text())
+    assert set(rows["rows"]) == {"base (no reduction)", "ATS (max 0.5)", "ToMe (r=16)", "A-ViT (eps 0.001)"}
+    assert [s.split(" ")[0] for s in rows["skipped"]] == ["AdaViT", "SaiT", "DynamicViT"]
+    assert rows["rows"]["base (no reduction)"]["flops_ratio"] == 1.0
+    with pytest.raises(SystemExit):
+        bench.main(["--runs", str(tmp_path), "--set", "sait.density=0.5", "--test-images", "64", "--rounds", "1",
+                    "--json", ""])  # no SaiT run here to apply it to
+    capsys.readouterr()

@@ -88,3 +88,23 @@ def test_learned_policies_train_by_the_same_entry_point(tmp_path, policy):
     counts = tokenopt.token_counts(gm, x)
     assert counts[1].max() < 197  # fewer tokens from block 1 on
     assert record["tokens_per_block"][1] < 197
+
+
+def test_device_option(tmp_path):
+    """``--device``: "auto" is CUDA only where there is one; asking for CUDA on a machine without one is a
+    clear error before any work; the weights written load anywhere (CPU tensors)."""
+    from tokenopt.train import _device, parse_args, train
+
+    auto = parse_args(["--out", str(tmp_path / "a")])
+    assert auto.device == "auto"
+    assert _device(auto).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(SystemExit):
+        parse_args(["--out", str(tmp_path / "a"), "--device", "meta"])
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device.*--device cpu"):
+            train(parse_args(["--out", str(tmp_path / "c"), "--device", "cuda", *TINY]), progress=False)
+        assert not os.path.exists(tmp_path / "c")
+    cfg = parse_args(["--out", str(tmp_path / "cpu"), "--epochs", "1", "--device", "cpu", *TINY])
+    train(cfg, progress=False)
+    state = torch.load(tmp_path / "cpu" / "model.pt", weights_only=True)
+    assert all(t.device.type == "cpu" for t in state.values())

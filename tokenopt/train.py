@@ -3,6 +3,7 @@
     tokenopt train --out out/fmnist_vit --epochs 6                                   # plain ViT, from scratch
     tokenopt train --out out/fmnist_avit --policy avit --init out/fmnist_vit/model.pt --epochs 2
     torchrun --nproc-per-node 2 -m tokenopt.train --out out/ddp --epochs 1       # the same, 2 processes
+    tokenopt train --out out/vit192 --embed-dim 192 --heads 3 --mlp-ratio 4 --device cuda   # wider, on a GPU
 
 One process or several under ``torchrun`` (``DistributedDataParallel``; gloo on CPU, nccl on CUDA) run
 the same steps: every step takes the same global batch (a seeded permutation per epoch), each process
@@ -15,7 +16,9 @@ original architecture (an ordinary state dict) and ``policy.pt`` a learned polic
 Policies: ``none``, ``avit``, ``adavit``, ``dynamicvit`` and ``sait`` (alternating dense and sparse steps: density 1 on even steps,
 ``train_density`` on odd ones); ``--distill`` adds a KL term to the ``--init`` model's predictions
 (weight: the policy's ``distill_weight``, else 0.5). The model: a timm ViT at 28x28, patch 2 (196 patch
-tokens + CLS), one input channel, no dropout (so runs are deterministic and comparable).
+tokens + CLS), one input channel, no dropout (so runs are deterministic and comparable). ``--device``:
+where it computes (auto: CUDA where there is one, TF32 matrix products there); ``model.pt`` and
+``policy.pt`` are CPU state dicts whatever the device.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ class TrainConfig:
     stop_after_epoch: Optional[int] = None  # (tests: stop early, as if interrupted)
     no_progress: bool = False  # no progress display
     distill: bool = False  # distil from the --init model (its logits, KL)
+    device: str = "auto"  # "auto" (CUDA when there is one), "cpu", "cuda"; under torchrun: each rank its local GPU
 
 
 def build_model(cfg: TrainConfig) -> torch.nn.Module:
@@ -116,6 +120,21 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
     return correct / len(labels)
 
 
+def _device(cfg: TrainConfig) -> torch.device:
+    """Where the run computes: ``cfg.device``, with "auto" meaning CUDA when there is one; under
+    ``torchrun`` on CUDA each process takes its ``LOCAL_RANK``'s GPU."""
+    name = cfg.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {cfg.device}: this machine has no CUDA device; use --device cpu")
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return device
+
+
 def train(cfg: TrainConfig, progress: bool = True) -> dict:
     """Run the recipe (see the module docstring); returns the log."""
     import tokenopt
@@ -123,21 +142,26 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     rank, world = _world()
     if cfg.batch % world:
         raise ValueError(f"--batch {cfg.batch} must divide evenly over {world} processes")
+    device = _device(cfg)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.set_float32_matmul_precision("high")  # TF32 matrix products on GPUs that have them
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     model = build_model(cfg)
     if cfg.init:
         model.load_state_dict(torch.load(cfg.init, map_location="cpu", weights_only=True))
-    train_x, train_y = _data("train", cfg.train_images)
-    test_x, test_y = _data("test", cfg.test_images)
-    example = (train_x[:2],)
+    model.to(device)
+    train_x, train_y = (t.to(device) for t in _data("train", cfg.train_images))
+    test_x, test_y = (t.to(device) for t in _data("test", cfg.test_images))
+    example = (train_x[:2],)  # captured on the run's device (factory calls in the graph are placed there)
     teacher = None
     if cfg.distill:
         if not cfg.init:
             raise ValueError("--distill learns from the --init model; give --init a model.pt")
         teacher = build_model(cfg)
         teacher.load_state_dict(torch.load(cfg.init, map_location="cpu", weights_only=True))
-        teacher.eval().requires_grad_(False)
+        teacher.to(device).eval().requires_grad_(False)
     net = tokenopt.prepare_training(model, policy=cfg.policy, example_inputs=example, **cfg.policy_options)
     policy = net.meta["tokenopt.policy"]
     distill_weight = getattr(policy, "distill_weight", 0.5)
@@ -154,16 +178,21 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         torch.set_rng_state(ckpt["torch_rng"])
+        if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
         random.setstate(ckpt["python_rng"])
         log, start_epoch = ckpt["log"], ckpt["epoch"] + 1
-    ddp = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
+    ddp = net
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)
     if rank == 0:
         os.makedirs(cfg.out, exist_ok=True)
     display = _Display(enabled=progress and rank == 0, total=steps_per_epoch)
     shard = cfg.batch // world
     for epoch in range(start_epoch, cfg.epochs):
         started = time.time()
-        order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+        order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)).to(device)
         sums: dict[str, float] = {}
         display.start(f"epoch {epoch + 1}/{cfg.epochs}")
         for step in range(steps_per_epoch):
@@ -178,7 +207,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                     target = F.log_softmax(teacher(train_x[idx]), dim=-1)
                 aux["distill"] = distill_weight * F.kl_div(F.log_softmax(logits, dim=-1), target,
                                                            reduction="batchmean", log_target=True)
-            loss = task + sum(aux.values(), torch.zeros(()))
+            loss = task + sum(aux.values(), torch.zeros((), device=device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -217,12 +246,17 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
 
 def _save(cfg: TrainConfig, net, opt, sched, epoch: int, log: list) -> None:
     """Checkpoint (to resume) and the plain weights (model.pt), each written atomically."""
+    on_cuda = any(p.is_cuda for p in net.parameters())
     state = {"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
              "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(), "epoch": epoch, "log": log,
-             "config": dataclasses.asdict(cfg)}
-    saved = [("checkpoint.pt", state), ("model.pt", net.model_state_dict())]
+             "config": dataclasses.asdict(cfg), "cuda_rng": torch.cuda.get_rng_state() if on_cuda else None}
+
+    def cpu(sd):  # model.pt and policy.pt load anywhere (plain CPU state dicts)
+        return {k: v.detach().cpu() for k, v in sd.items()}
+
+    saved = [("checkpoint.pt", state), ("model.pt", cpu(net.model_state_dict()))]
     if net.policy_state_dict():
-        saved.append(("policy.pt", net.policy_state_dict()))
+        saved.append(("policy.pt", cpu(net.policy_state_dict())))
     for name, obj in saved:
         tmp = os.path.join(cfg.out, f".{name}.{os.getpid()}.tmp")
         torch.save(obj, tmp)
@@ -280,7 +314,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     helps = {"out": "folder for log.json, checkpoint.pt and model.pt", "policy": "none, avit, adavit, dynamicvit or sait",
              "init": "a model.pt to start from (fine-tuning)", "batch": "global batch (split over processes)",
              "train_images": "first N training images", "test_images": "first N test images (accuracy each epoch)",
-             "warmup_steps": "linear warm-up, then cosine decay", "seed": "data order and initialisation"}
+             "warmup_steps": "linear warm-up, then cosine decay", "seed": "data order and initialisation",
+             "device": "auto (CUDA when there is one), cpu or cuda[:N]; under torchrun each process its LOCAL_RANK GPU"}
     for f in dataclasses.fields(TrainConfig):
         if f.name in ("policy_options", "resume", "stop_after_epoch", "no_progress", "distill"):
             continue
@@ -296,6 +331,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     for name in ("epochs", "batch", "train_images", "test_images", "depth", "heads", "embed_dim"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.device != "auto":
+        try:
+            kind = torch.device(args.device).type
+        except RuntimeError:
+            kind = None
+        if kind not in ("cpu", "cuda"):
+            ap.error(f"--device {args.device!r}: expected auto, cpu, cuda or cuda:N")
     from tokenopt.cli import _parse_sets
 
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
@@ -307,7 +349,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = parse_args(argv)
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if _device(cfg).type == "cuda" else "gloo")
     try:
         train(cfg, progress=not cfg.no_progress)
     finally:

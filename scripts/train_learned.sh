@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The learned-policy recipe (README, "Learned policies"): a ViT trained from scratch on Fashion-MNIST, then
+# A-ViT, SaiT, DynamicViT and AdaViT each fine-tuned from it with distillation, all with `tokenopt train`.
+#
+#   scripts/train_learned.sh OUT                 # writes OUT/base, OUT/avit, OUT/sait, OUT/dvit, OUT/adavit
+#   python benchmarks/bench_learned.py --runs OUT   # then the table: accuracy, tokens, FLOPs, throughput
+#
+# The model and epochs come from the environment (defaults: the README's recipe):
+#   MODEL="--embed-dim 192 --heads 3 --mlp-ratio 4"   BASE_EPOCHS=12   FT_EPOCHS=8   ADAVIT_EPOCHS=4
+#   PARALLEL=1   run the four fine-tunes at once (on a GPU, where one small run leaves it mostly idle);
+#                default: one after another
+#   EXTRA="..."  more `tokenopt train` arguments for every run (e.g. "--device cpu --train-images 512")
+#   BASE=path/model.pt  fine-tune from this base model instead of training one (OUT/base is then not made)
+#   PY=python    the interpreter
+set -euo pipefail
+OUT=${1:?usage: scripts/train_learned.sh OUT}
+PY=${PY:-python}
+MODEL=${MODEL:---embed-dim 192 --heads 3 --mlp-ratio 4}
+BASE_EPOCHS=${BASE_EPOCHS:-12}
+FT_EPOCHS=${FT_EPOCHS:-8}
+ADAVIT_EPOCHS=${ADAVIT_EPOCHS:-4}
+EXTRA=${EXTRA:-}
+mkdir -p "$OUT"
+train() { "$PY" -m tokenopt.train $MODEL $EXTRA "$@"; }
+
+start=$(date +%s)
+if [ -z "${BASE:-}" ]; then
+  echo "== base: $BASE_EPOCHS epochs from scratch"
+  train --out "$OUT/base" --epochs "$BASE_EPOCHS" > "$OUT/base.log" 2>&1 || { tail -30 "$OUT/base.log"; exit 1; }
+  tail -3 "$OUT/base.log"
+  echo "== base done in $(( $(date +%s) - start )) s"
+  BASE=$OUT/base/model.pt
+fi
+
+FT="--init $BASE --distill --lr 3e-4 --warmup-steps 50"
+runs=(
+  "avit   $FT_EPOCHS     --policy avit --set gamma=10.0 --set beta=1.0 --set ponder_weight=0.0003 --set prior_mean=2.5"
+  "sait   $FT_EPOCHS     --policy sait --set density=0.65 --set train_density=0.65"
+  "dvit   $FT_EPOCHS     --policy dynamicvit"
+  "adavit $ADAVIT_EPOCHS --policy adavit"
+)
+pids=()
+for spec in "${runs[@]}"; do
+  read -r name epochs args <<< "$spec"
+  echo "== $name: $epochs epochs ($args)"
+  if [ "${PARALLEL:-0}" = 1 ]; then
+    train --out "$OUT/$name" --epochs "$epochs" $FT $args > "$OUT/$name.log" 2>&1 &
+    pids+=($!)
+  else
+    train --out "$OUT/$name" --epochs "$epochs" $FT $args > "$OUT/$name.log" 2>&1 || { tail -30 "$OUT/$name.log"; exit 1; }
+  fi
+done
+failed=0
+for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+for spec in "${runs[@]}"; do
+  read -r name _ <<< "$spec"
+  echo "-- $name:"; tail -2 "$OUT/$name.log"
+done
+echo "== all done in $(( $(date +%s) - start )) s"
+exit $failed
