@@ -83,15 +83,16 @@ def main(argv=None) -> int:
     for name, (sub, default) in layout.items():
         if getattr(args, name) is None:
             setattr(args, name, os.path.join(args.runs, sub) if args.runs else default)
-    overrides: dict[str, dict] = {}
+    from tokenopt.cli import _parse_sets
+
+    pairs: dict[str, list[str]] = {}
     for item in args.set:
         key, sep, value = item.partition("=")
         policy, dot, option = key.partition(".")
         if not (sep and dot and option):
             ap.error(f"--set {item!r}: expected POLICY.KEY=VALUE, e.g. avit.eps=0.001")
-        from tokenopt.cli import _parse_sets
-
-        overrides.setdefault(policy, {}).update(_parse_sets([f"{option}={value}"]))
+        pairs.setdefault(policy, []).append(f"{option}={value}")
+    overrides = {policy: _parse_sets(options) for policy, options in pairs.items()}
     import tokenopt
     from tokenopt.flops import count_flops
     from tokenopt.train import _data, evaluate, load_run as _load
