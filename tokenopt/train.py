@@ -131,7 +131,7 @@ def _device(cfg: TrainConfig) -> torch.device:
         if not torch.cuda.is_available():
             raise ValueError(f"--device {cfg.device}: this machine has no CUDA device; use --device cpu")
         if device.index is None:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return device
 
 
