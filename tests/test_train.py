@@ -108,3 +108,35 @@ def test_device_option(tmp_path):
     train(cfg, progress=False)
     state = torch.load(tmp_path / "cpu" / "model.pt", weights_only=True)
     assert all(t.device.type == "cpu" for t in state.values())
+
+
+def test_teacher_and_bf16_precision(tmp_path):
+    """``--teacher`` picks the model distilled from (default: ``--init``, so naming it changes nothing);
+    ``--teacher`` without ``--distill`` and an unknown ``--precision`` are errors; ``--precision bf16``
+    trains under autocast: a different but close run."""
+    from tokenopt.train import parse_args, train
+
+    small = ["--train-images", "128", "--test-images", "64", "--batch", "64", "--depth", "2", "--embed-dim", "32",
+             "--warmup-steps", "1", "--no-progress", "--epochs", "1"]
+    for seed in ("0", "1"):
+        train(parse_args(["--out", str(tmp_path / f"base{seed}"), "--seed", seed, *small]), progress=False)
+    init = ["--init", str(tmp_path / "base0" / "model.pt"), "--distill", "--policy", "sait",
+            "--set", "train_density=0.5"]
+
+    def run(name, *extra):
+        train(parse_args(["--out", str(tmp_path / name), *init, *extra, *small]), progress=False)
+        return _log(tmp_path / name)[0], torch.load(tmp_path / name / "model.pt", weights_only=True)
+
+    default, w_default = run("default")
+    same, w_same = run("same", "--teacher", str(tmp_path / "base0" / "model.pt"))
+    other, _ = run("other", "--teacher", str(tmp_path / "base1" / "model.pt"))
+    assert same["loss"] == default["loss"] and all(torch.equal(w_same[k], w_default[k]) for k in w_default)
+    assert other["distill"] > 2 * default["distill"]  # a different model's predictions are further away
+    bf16, w_bf16 = run("bf16", "--precision", "bf16")
+    assert bf16["loss"] != default["loss"] and abs(bf16["loss"] - default["loss"]) < 0.05 * default["loss"]
+    assert all(w.dtype == torch.float32 for w in w_bf16.values())
+    with pytest.raises(ValueError, match="add --distill"):
+        train(parse_args(["--out", str(tmp_path / "x"), "--teacher", str(tmp_path / "base1" / "model.pt"),
+                          *small]), progress=False)
+    with pytest.raises(SystemExit):
+        parse_args(["--precision", "fp16"])
