@@ -22,7 +22,7 @@ model (default: the ``--init`` model; name the unpruned model when ``--init`` co
 tokens + CLS), one input channel, no dropout (so runs are deterministic and comparable). ``--device``:
 where it computes (auto: CUDA where there is one, TF32 matrix products there); ``model.pt`` and
 ``policy.pt`` are CPU state dicts whatever the device. ``--precision bf16`` runs the forward passes
-(student and teacher) under bfloat16 autocast, losses and weights in float32: about 2x faster per step on
+(student and teacher) under bfloat16 autocast, losses and weights in float32: about 1.7x faster per step on
 a CPU with AMX (measured on this project's 2-core machine); the per-epoch evaluation stays float32.
 """
 
@@ -331,7 +331,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
              "warmup_steps": "linear warm-up, then cosine decay", "seed": "data order and initialisation",
              "device": "auto (CUDA when there is one), cpu or cuda[:N]; under torchrun each process its LOCAL_RANK GPU",
              "teacher": "with --distill: the model.pt to distil from (default: the --init model)",
-             "precision": "fp32, or bf16 (bfloat16 autocast: about 2x faster on CPUs with AMX; evaluation stays fp32)"}
+             "precision": "fp32, or bf16 (bfloat16 autocast: about 1.7x faster here, a CPU with AMX; evaluation stays fp32)"}
     for f in dataclasses.fields(TrainConfig):
         if f.name in ("policy_options", "resume", "stop_after_epoch", "no_progress", "distill"):
             continue
