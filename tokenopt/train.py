@@ -45,6 +45,7 @@ import torch.nn.functional as F
 __all__ = ["TrainConfig", "build_model", "load_run", "train", "main"]
 
 MEAN, STD = 0.2860, 0.3530  # Fashion-MNIST pixel statistics (train split)
+PRECISIONS = ("fp32", "bf16")  # --precision: float32, or the forward passes under bfloat16 autocast
 
 
 @dataclasses.dataclass
@@ -150,6 +151,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     rank, world = _world()
     if cfg.batch % world:
         raise ValueError(f"--batch {cfg.batch} must divide evenly over {world} processes")
+    if cfg.teacher and not cfg.distill:
+        raise ValueError("--teacher names the model to distil from; add --distill")
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"precision {cfg.precision!r}: expected one of {', '.join(PRECISIONS)}")
     device = _device(cfg)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -164,16 +169,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     test_x, test_y = (t.to(device) for t in _data("test", cfg.test_images))
     example = (train_x[:2],)  # captured on the run's device (factory calls in the graph are placed there)
     teacher = None
-    if cfg.teacher and not cfg.distill:
-        raise ValueError("--teacher names the model to distil from; add --distill")
     if cfg.distill:
         if not (cfg.teacher or cfg.init):
             raise ValueError("--distill learns from the --teacher model (default: the --init model); give one a model.pt")
         teacher = build_model(cfg)
         teacher.load_state_dict(torch.load(cfg.teacher or cfg.init, map_location="cpu", weights_only=True))
         teacher.to(device).eval().requires_grad_(False)
-    if cfg.precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision {cfg.precision!r}: expected fp32 or bf16")
     autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     net = tokenopt.prepare_training(model, policy=cfg.policy, example_inputs=example, **cfg.policy_options)
     policy = net.meta["tokenopt.policy"]
@@ -347,8 +348,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     for name in ("epochs", "batch", "train_images", "test_images", "depth", "heads", "embed_dim"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.precision not in ("fp32", "bf16"):
-        ap.error(f"--precision {args.precision!r}: expected fp32 or bf16")
+    if args.precision not in PRECISIONS:
+        ap.error(f"--precision {args.precision!r}: expected one of {', '.join(PRECISIONS)}")
     if args.device != "auto":
         try:
             kind = torch.device(args.device).type
