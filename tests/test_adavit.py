@@ -221,6 +221,31 @@ def test_adavit_gates_only_on_a_model_without_cls_token_and_an_empty_sub_batch()
         torch.testing.assert_close(gm(x), model.forward_head(model.norm(h)), atol=1e-5, rtol=1e-5)
 
 
+def test_cpu_attention_runs_equal_the_padded_references():
+    """On a CPU, packed attention batches runs of images with the same length (and, for gated heads, the
+    (image, head) pairs that are on): every grouping equals the padded, image-independent references."""
+    ref = tokenopt.kernels.reference
+    torch.manual_seed(0)
+    lengths = [4, 4, 4, 6, 2, 2, 0, 0, 5, 3, 3]  # runs of 3, 1, 2, 2 (empty), 1, 2
+    cu = torch.tensor([0] + lengths).cumsum(0)
+    h, d, t = 3, 8, sum(lengths)
+    qkv = torch.randn(1, t, 3, h, d).permute(2, 0, 3, 1, 4)  # strided like a model's q, k, v
+    q, k, v = qkv.unbind(0)
+    cap = max(lengths)
+    want = ref.varlen_attention_padded(q, k, v, cu, cu, cap, cap, 0.4)
+    torch.testing.assert_close(ref.varlen_attention_segments(q, k, v, cu, cu, 0.4), want)
+    # gated heads: all on, none, and every mix, within runs and across them
+    heads = torch.rand(len(lengths), h) < 0.6
+    heads[0] = heads[1] = heads[2] = True  # a run with every head on
+    heads[4] = False  # a run with one image off entirely
+    heads[9], heads[10] = torch.tensor([True, False, True]), torch.tensor([False, True, True])
+    for gates in (heads, torch.ones_like(heads), torch.zeros_like(heads)):
+        got = ref.head_attention_segments(q, k, v, gates, 0.4, cu)
+        torch.testing.assert_close(got, ref.head_attention(q, k, v, gates, 0.4, None, cu, cap))
+        per_image = torch.repeat_interleave(gates, torch.tensor(lengths), dim=0).T[None, :, :, None]
+        torch.testing.assert_close(got, torch.where(per_image, want, 0))
+
+
 def test_head_attention_and_gate_rows_ops():
     tk = torch.ops.tokenopt
     torch.manual_seed(0)
