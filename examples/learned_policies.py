@@ -38,6 +38,9 @@ def train_a_little(policy, steps: int = 2):
         (loss + sum(losses.values(), torch.zeros(()))).backward()
         opt.step()
         opt.zero_grad()
+    if hasattr(policy, "after_training"):  # AdaViT: inference gates cut to use what training used
+        tm.eval()
+        policy.after_training(tm, torch.randn(64, 3, 64, 64))  # (your training images here)
     model.load_state_dict(tm.model_state_dict(), strict=True)  # an ordinary checkpoint of the original model
     return model.eval(), tm.policy_state_dict(), sorted(losses)
 

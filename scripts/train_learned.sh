@@ -37,7 +37,7 @@ runs=(
   "avit   $FT_EPOCHS     --policy avit --set gamma=10.0 --set beta=1.0 --set ponder_weight=0.0003 --set prior_mean=2.5"
   "sait   $FT_EPOCHS     --policy sait --set density=0.65 --set train_density=0.65"
   "dvit   $FT_EPOCHS     --policy dynamicvit"
-  "adavit $ADAVIT_EPOCHS --policy adavit"
+  "adavit $ADAVIT_EPOCHS --policy adavit --policy-lr-scale 30"
 )
 pids=()
 for spec in "${runs[@]}"; do

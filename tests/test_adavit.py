@@ -275,3 +275,46 @@ def test_head_attention_and_gate_rows_ops():
     for op, args in ((tk.head_attention, (q, k, v, heads, 0.3, bias)), (tk.gate_rows, (heads[:, 0], cu)),
                      (tk.gumbel_gate, (torch.randn(3, 4, requires_grad=True), torch.randn(3, 4), 5.0, 0.5))):
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_calibrate_usage_matches_inference_use_to_training_use():
+    """``calibrate_usage`` shifts each gate so that, on the calibration images, the share on at inference
+    equals the share on in training (``mean sigmoid(logit)``): read back independently from the executed
+    graph (``gate_usage``, token counts); the inference graph built from the calibrated weights equals the
+    training module in eval mode; bad input is refused."""
+    from tokenopt.policies.adavit import GateNet, calibrate_usage
+    from tokenopt.train import TrainConfig, build_model
+
+    torch.manual_seed(0)
+    model = build_model(TrainConfig(depth=4, embed_dim=32)).eval()
+    images = torch.randn(200, 1, 28, 28)
+    config = tokenopt.AdaViT(token_blocks=(1, 2))
+    net = tokenopt.prepare_training(model, policy=config, example_inputs=(images[:2],))
+    with torch.no_grad():  # logits around +1: training would use ~70% of each gate, inference ~100%
+        for m in net.modules():
+            if isinstance(m, GateNet):
+                m.fc.weight.normal_(0, 0.1)
+                m.fc.bias.fill_(1.0)
+    net.eval()
+    gm = tokenopt.optimize(model, policy=config, example_inputs=(images[:2],), policy_state=net.policy_state_dict())
+    before = tokenopt.gate_usage(gm, images)[1]
+    assert before["mlp"].float().mean() > 0.95  # the mismatch being fixed
+    report = calibrate_usage(net, images)
+    assert len(report) == 3 * (4 + 2) + 2  # blocks 1-3: 4 heads + 2 sub-layers; two token stages
+    for r in report:
+        assert abs(r["after"] - r["expected"]) <= 0.01 and 0.2 < r["expected"] < 0.98, r
+    gm = tokenopt.optimize(model, policy=config, example_inputs=(images[:2],), policy_state=net.policy_state_dict())
+    used = tokenopt.gate_usage(gm, images)[1]  # block 1: its gates see the ungated block 0's output
+    first = {r["output"]: r["expected"] for r in report if r["module"] == "tokenopt_adavit.gate1"}
+    assert abs(used["attn"].float().mean() - first[4]) <= 0.01 and abs(used["mlp"].float().mean() - first[5]) <= 0.01
+    counts = tokenopt.token_counts(gm, images)
+    kept1, kept2 = counts[1].float() - 1, counts[2].float() - 1  # patch tokens after each token stage
+    stages = [r["expected"] for r in report if r["module"].startswith("tokenopt_adavit.tokens")]
+    assert abs(kept1.mean() / 196 - stages[0]) <= 0.01
+    assert abs(kept2.sum() / kept1.sum() - stages[1]) <= 0.01  # of the tokens still there (not the padding)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(images[:16]), net(images[:16]), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="no images"):
+        calibrate_usage(net, images[:0])
+    with pytest.raises(ValueError, match="no AdaViT decision networks"):
+        calibrate_usage(tokenopt.optimize(model, policy="topk", example_inputs=(images[:2],)), images)

@@ -140,3 +140,41 @@ def test_teacher_and_bf16_precision(tmp_path):
                           *small]), progress=False)
     with pytest.raises(SystemExit):
         parse_args(["--precision", "fp16"])
+
+
+def test_policy_lr_scale(tmp_path):
+    """``--policy-lr-scale`` sets the learning rate of the policy's own modules (AdaViT's decision networks)
+    and of nothing else: one AdamW step moves them about that many times further, the model's weights
+    exactly as far as at scale 1. Not a number > 0 is an error. (Also: AdaViT's after-training step.)"""
+    import tokenopt
+    from tokenopt.train import TrainConfig, build_model, parse_args, train
+
+    small = ["--train-images", "64", "--test-images", "32", "--batch", "64", "--depth", "3", "--embed-dim", "32",
+             "--warmup-steps", "1", "--no-progress", "--epochs", "1"]
+    train(parse_args(["--out", str(tmp_path / "base"), *small]), progress=False)
+    init = torch.load(tmp_path / "base" / "model.pt", weights_only=True)
+
+    def run(scale):
+        out = tmp_path / f"s{scale}"
+        train(parse_args(["--out", str(out), "--init", str(tmp_path / "base" / "model.pt"), "--policy", "adavit",
+                          "--policy-lr-scale", str(scale), *small]), progress=False)
+        ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+        groups = ckpt["optimizer"]["param_groups"]
+        after = _log(out)[-1]["after_training"]  # AdaViT's gates calibrated once training ended (policy.pt)
+        assert len(after["report"]) == 2 * (4 + 2) + 2 and 0 <= after["test_accuracy"] <= 1
+        assert "after_training" not in ckpt["log"][-1]  # the checkpoint keeps the trained state, to resume from
+        return torch.load(out / "model.pt", weights_only=True), torch.load(out / "policy.pt", weights_only=True), groups
+
+    model1, policy1, groups1 = run(1)
+    model10, policy10, groups10 = run(10)
+    assert [g["lr"] for g in groups10] == pytest.approx([g["lr"] * f for g, f in zip(groups1, (1, 10))])
+    for k in init:  # the model's weights take the same step
+        torch.testing.assert_close(model10[k], model1[k])
+    fresh = tokenopt.prepare_training(build_model(TrainConfig(depth=3, embed_dim=32)), policy="adavit",
+                                      example_inputs=(torch.zeros(2, 1, 28, 28),)).policy_state_dict()
+    policy1, policy10 = (torch.load(tmp_path / f"s{s}" / "checkpoint.pt", weights_only=False)["model"] for s in (1, 10))
+    step1 = torch.cat([(policy1[k] - fresh[k]).flatten() for k in fresh if "fc.bias" in k])
+    step10 = torch.cat([(policy10[k] - fresh[k]).flatten() for k in fresh if "fc.bias" in k])
+    assert step1.abs().max() > 0 and torch.allclose(step10, 10 * step1, rtol=0.05, atol=1e-7)
+    with pytest.raises(ValueError, match="policy-lr-scale"):
+        train(parse_args(["--out", str(tmp_path / "x"), "--policy-lr-scale", "0", *small]), progress=False)

@@ -45,7 +45,8 @@ import torch.nn.functional as F
 __all__ = ["TrainConfig", "build_model", "load_run", "train", "main"]
 
 MEAN, STD = 0.2860, 0.3530  # Fashion-MNIST pixel statistics (train split)
-PRECISIONS = ("fp32", "bf16")  # --precision: float32, or the forward passes under bfloat16 autocast
+PRECISIONS = ("fp32", "bf16")
+CALIBRATION_IMAGES = 2048  # training images a policy's after-training step sees (AdaViT: gate usage)  # --precision: float32, or the forward passes under bfloat16 autocast
 
 
 @dataclasses.dataclass
@@ -57,6 +58,7 @@ class TrainConfig:
     epochs: int = 6
     batch: int = 128  # global batch
     lr: float = 1e-3
+    policy_lr_scale: float = 1.0  # the learning rate of the policy's own modules (decision networks), x lr
     weight_decay: float = 0.05
     warmup_steps: int = 100
     train_images: int = 60000
@@ -155,6 +157,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         raise ValueError("--teacher names the model to distil from; add --distill")
     if cfg.precision not in PRECISIONS:
         raise ValueError(f"precision {cfg.precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if not (math.isfinite(cfg.policy_lr_scale) and cfg.policy_lr_scale > 0):
+        raise ValueError(f"--policy-lr-scale {cfg.policy_lr_scale}: must be a number > 0 (1 = the model's learning rate)")
     device = _device(cfg)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -181,7 +185,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     distill_weight = getattr(policy, "distill_weight", 0.5)
     knobs = net.knobs  # (SaiT: density, the value it runs at; training alternates it)
     steps_per_epoch = len(train_y) // cfg.batch
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # the policy's own modules (tokenopt_<policy>.*: AdaViT's and DynamicViT's decision networks) may learn
+    # faster than the model they steer (AdaViT's code has such scales: --ada-{token,head,layer}-lr-scale)
+    own = [p for name, p in net.named_parameters() if name.startswith("tokenopt_")]
+    rest = [p for name, p in net.named_parameters() if not name.startswith("tokenopt_")]
+    groups = [{"params": rest}] + ([{"params": own, "lr": cfg.lr * cfg.policy_lr_scale}] if own else [])
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, steps_per_epoch * cfg.epochs))
     log: list[dict] = []
     start_epoch = 0
@@ -256,7 +265,36 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
             dist.barrier()
         if cfg.stop_after_epoch is not None and epoch + 1 >= cfg.stop_after_epoch:
             break
+    finished = bool(log) and log[-1]["epoch"] == cfg.epochs
+    if finished and rank == 0 and hasattr(policy, "after_training"):  # (AdaViT: calibrate its gates' usage)
+        net.eval()
+        report = policy.after_training(net, train_x[:CALIBRATION_IMAGES])
+        if report is not None:
+            log[-1]["after_training"] = {
+                "report": report, "test_accuracy": evaluate(net, test_x, test_y),
+                "tokens_per_block": [round(c.float().mean().item(), 2)
+                                     for c in tokenopt.token_counts(net.eval_graph, test_x[:500]).values()]}
+            _save_policy(cfg, net, log)  # policy.pt and log.json; checkpoint.pt keeps the trained state (resume)
+            display.note("after training: " + ", ".join(f"{k} {v}" for k, v in log[-1]["after_training"].items()
+                                                          if k != "report"))
+        net.train()
     return {"log": log, "net": net}
+
+
+def _save_policy(cfg: TrainConfig, net, log: list) -> None:
+    """After a policy's ``after_training`` step: its weights (``policy.pt``) and the log, atomically."""
+    _write(cfg, [("policy.pt", {k: v.detach().cpu() for k, v in net.policy_state_dict().items()})], log)
+
+
+def _write(cfg: TrainConfig, saved: list, log: list) -> None:
+    for name, obj in saved:
+        tmp = os.path.join(cfg.out, f".{name}.{os.getpid()}.tmp")
+        torch.save(obj, tmp)
+        os.replace(tmp, os.path.join(cfg.out, name))
+    tmp = os.path.join(cfg.out, f".log.json.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump({"config": dataclasses.asdict(cfg), "epochs": log}, f, indent=1)
+    os.replace(tmp, os.path.join(cfg.out, "log.json"))
 
 
 def _save(cfg: TrainConfig, net, opt, sched, epoch: int, log: list) -> None:
@@ -272,14 +310,7 @@ def _save(cfg: TrainConfig, net, opt, sched, epoch: int, log: list) -> None:
     saved = [("checkpoint.pt", state), ("model.pt", cpu(net.model_state_dict()))]
     if net.policy_state_dict():
         saved.append(("policy.pt", cpu(net.policy_state_dict())))
-    for name, obj in saved:
-        tmp = os.path.join(cfg.out, f".{name}.{os.getpid()}.tmp")
-        torch.save(obj, tmp)
-        os.replace(tmp, os.path.join(cfg.out, name))
-    tmp = os.path.join(cfg.out, f".log.json.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump({"config": dataclasses.asdict(cfg), "epochs": log}, f, indent=1)
-    os.replace(tmp, os.path.join(cfg.out, "log.json"))
+    _write(cfg, saved, log)
 
 
 class _Display:
@@ -332,6 +363,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
              "warmup_steps": "linear warm-up, then cosine decay", "seed": "data order and initialisation",
              "device": "auto (CUDA when there is one), cpu or cuda[:N]; under torchrun each process its LOCAL_RANK GPU",
              "teacher": "with --distill: the model.pt to distil from (default: the --init model)",
+             "policy_lr_scale": "the policy's own modules (AdaViT's and DynamicViT's decision networks) learn at lr x this",
              "precision": "fp32, or bf16 (bfloat16 autocast: about 1.7x faster here, a CPU with AMX; evaluation stays fp32)"}
     for f in dataclasses.fields(TrainConfig):
         if f.name in ("policy_options", "resume", "stop_after_epoch", "no_progress", "distill"):
