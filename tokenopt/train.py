@@ -45,8 +45,8 @@ import torch.nn.functional as F
 __all__ = ["TrainConfig", "build_model", "load_run", "train", "main"]
 
 MEAN, STD = 0.2860, 0.3530  # Fashion-MNIST pixel statistics (train split)
-PRECISIONS = ("fp32", "bf16")
-CALIBRATION_IMAGES = 2048  # training images a policy's after-training step sees (AdaViT: gate usage)  # --precision: float32, or the forward passes under bfloat16 autocast
+PRECISIONS = ("fp32", "bf16")  # --precision: float32, or the forward passes under bfloat16 autocast
+CALIBRATION_IMAGES = 2048  # training images a policy's after-training step sees (AdaViT: gate usage)
 
 
 @dataclasses.dataclass
