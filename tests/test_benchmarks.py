@@ -119,3 +119,20 @@ def test_bench_learned_reads_a_runs_folder_with_inference_options(tmp_path, caps
         bench.main(["--runs", str(tmp_path), "--set", "sait.density=0.5", "--test-images", "64", "--rounds", "1",
                     "--json", ""])  # no SaiT run here to apply it to
     capsys.readouterr()
+
+
+def test_bench_adavit_gates_sets_the_use_it_is_asked_for(tmp_path):
+    def run(heads, layers, tokens):
+        out = tmp_path / "g.json"
+        _load("bench_adavit_gates").main(["--embed-dim", "32", "--depth", "3", "--heads", "2", "--mlp-ratio", "2",
+                                          "--batch", "8", "--rounds", "1", "--threads", "1", "--heads-on", heads,
+                                          "--layers-on", layers, "--tokens-on", tokens, "--json", str(out)])
+        return json.loads(out.read_text())
+
+    data = run("0.5", "1", "0.5")
+    assert data["heads_per_gated_block"] == 1.0 and data["sub_layers_per_gated_block"] == 2.0  # half of 2 heads
+    assert data["tokens_after_each_block"][0] == 1 + 98  # block 0's token stage keeps half of 196 patches
+    assert data["flops_ratio"] < 0.7 and data["throughput_ratio"] > 0
+    data = run("1", "0.75", "1")
+    assert data["sub_layers_per_gated_block"] == 1.5 and data["heads_per_gated_block"] == 1.5  # 6 of 8 images
+    assert data["tokens_after_each_block"] == [197.0] * 3
