@@ -36,7 +36,7 @@ FT="--init $BASE --distill --lr 3e-4 --warmup-steps 50"
 runs=(
   "avit   $FT_EPOCHS     --policy avit --set gamma=10.0 --set beta=1.0 --set ponder_weight=0.0003 --set prior_mean=2.5"
   "sait   $FT_EPOCHS     --policy sait --set density=0.65 --set train_density=0.65"
-  "dvit   $FT_EPOCHS     --policy dynamicvit"
+  "dvit   $FT_EPOCHS     --policy dynamicvit --policy-lr-scale 30"
   "adavit $ADAVIT_EPOCHS --policy adavit --policy-lr-scale 30"
 )
 pids=()
