@@ -316,5 +316,7 @@ def test_calibrate_usage_matches_inference_use_to_training_use():
         torch.testing.assert_close(gm(images[:16]), net(images[:16]), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="no images"):
         calibrate_usage(net, images[:0])
+    with pytest.raises(ValueError, match="kinds of gate"):
+        calibrate_usage(net, images, shares={"blocks": 0.5})
     with pytest.raises(ValueError, match="no AdaViT decision networks"):
         calibrate_usage(tokenopt.optimize(model, policy="topk", example_inputs=(images[:2],)), images)

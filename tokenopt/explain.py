@@ -232,20 +232,14 @@ def gate_usage(gm: fx.GraphModule, *inputs) -> dict[int, dict[str, "torch.Tensor
     """
     import torch
 
+    from tokenopt.passes.patterns import record
+
     gates = [d for d in gm.meta.get("tokenopt.decisions", []) if d["kind"] == "gate"]
     wanted = {d[p]: (d["block"], p) for d in gates for p in ("heads", "attn", "mlp") if d.get(p)}
     seen: dict[int, dict[str, torch.Tensor]] = {}
-
-    class _Recorder(fx.Interpreter):
-        def run_node(self, n):
-            out = super().run_node(n)
-            if n.name in wanted:
-                block, part = wanted[n.name]
-                seen.setdefault(block, {})[part] = out.detach() > 0.5 if out.is_floating_point() else out.bool()
-            return out
-
-    with torch.no_grad():
-        _Recorder(gm).run(*inputs)
+    for n, out in record(gm, [n for n in gm.graph.nodes if n.name in wanted], *inputs).items():
+        block, part = wanted[n.name]
+        seen.setdefault(block, {})[part] = out.detach() > 0.5 if out.is_floating_point() else out.bool()
     usage = {}
     for block, parts in sorted(seen.items()):
         b = next(iter(parts.values())).shape[0]

@@ -38,17 +38,7 @@ def _trivial_masks(gm: fx.GraphModule, masks: set) -> set:
     candidates = {m for m in masks if m not in image_dependent and not _reads_weights(m, weights)}
     if not candidates or "tokenopt.example_inputs" not in gm.meta:
         return set()
-    values: dict = {}
-
-    class _Recorder(fx.Interpreter):
-        def run_node(self, n):
-            out = super().run_node(n)
-            if n in candidates:
-                values[n] = out
-            return out
-
-    with torch.no_grad():
-        _Recorder(gm).run(*gm.meta["tokenopt.example_inputs"])
+    values = P.record(gm, candidates, *gm.meta["tokenopt.example_inputs"])
     return {
         m for m, v in values.items()
         if isinstance(v, torch.Tensor) and (bool(v.all()) if v.dtype == torch.bool else bool((v == 0).all()))

@@ -358,3 +358,19 @@ def is_dead(node: fx.Node) -> bool:
 
 def live_users(node: fx.Node) -> list[fx.Node]:
     return [u for u in node.users if not is_dead(u)]
+
+
+def record(gm: fx.GraphModule, nodes, *inputs) -> dict[fx.Node, Any]:
+    """Run ``gm`` on ``inputs`` (no grad) and return the values the ``nodes`` of its graph took."""
+    wanted, seen = set(nodes), {}
+
+    class _Recorder(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n in wanted:
+                seen[n] = out
+            return out
+
+    with torch.no_grad():
+        _Recorder(gm).run(*inputs)
+    return seen

@@ -247,7 +247,8 @@ def adavit_losses(config: AdaViT, heads: list, layers: list, tokens: list) -> di
 
 
 @torch.no_grad()
-def calibrate_usage(gm: torch.nn.Module, images: torch.Tensor, batch: int = 256) -> list[dict]:
+def calibrate_usage(gm: torch.nn.Module, images: torch.Tensor, batch: int = 256,
+                    shares: Optional[dict[str, float]] = None) -> list[dict]:
     """Make AdaViT's inference gates use what training used: shift each gate's bias so that, on ``images``,
     the share of images (heads, sub-layers) or of live tokens (token gates) whose gate is on at inference
     (``sigmoid(logit) > threshold``) equals the share on in training, ``mean(sigmoid(logit))``.
@@ -262,10 +263,13 @@ def calibrate_usage(gm: torch.nn.Module, images: torch.Tensor, batch: int = 256)
 
     ``gm``: a graph with AdaViT's decision networks (``optimize(..., policy="adavit")`` or a training
     module: they share the networks, so both change). The gates are calibrated in graph order, each on the
-    decisions of the gates before it already calibrated. Returns, per decision network and output,
-    ``{"module", "output", "expected", "before", "after", "shift"}`` (shares on, before and after).
+    decisions of the gates before it already calibrated. ``shares`` (``{"heads" | "layers" | "tokens":
+    share in (0, 1]}``) sets the share on for that kind of gate instead of the training share (benchmarks:
+    a chosen use). Returns, per decision network and output, ``{"module", "output", "expected", "before",
+    "after", "shift"}`` (shares on: wanted, before and after).
     """
     from tokenopt.ir import META_ROLE
+    from tokenopt.passes.patterns import record
 
     graph = gm.eval_graph if hasattr(gm, "eval_graph") else gm
     if images.shape[0] == 0:
@@ -278,6 +282,11 @@ def calibrate_usage(gm: torch.nn.Module, images: torch.Tensor, batch: int = 256)
     config = graph.meta.get("tokenopt.policy")
     if not isinstance(config, AdaViT):
         raise ValueError(f"calibrate_usage: the graph's policy is {config!r}, not AdaViT")
+    shares = dict(shares or {})
+    for kind, share in shares.items():
+        if kind not in ("heads", "layers", "tokens"):
+            raise ValueError(f"calibrate_usage: shares has {kind!r}; the kinds of gate are heads, layers and tokens")
+        _share(f"shares[{kind!r}]", share)
     cut = math.log(config.threshold / (1 - config.threshold))  # inference: on when logit > cut
     report = []
     for k, node in enumerate(nodes):
@@ -285,35 +294,27 @@ def calibrate_usage(gm: torch.nn.Module, images: torch.Tensor, batch: int = 256)
         alive = next((a for a in alive_nodes if order[node] < order[a] < end), None)
         logits, live = [], []
         for chunk in images.split(batch):
-            env = _capture(graph, chunk, {node, alive} - {None})
+            env = record(graph, {node, alive} - {None}, chunk)
             out = env[node]
             logits.append(out.reshape(-1, out.shape[-1]).float())
             live.append(env[alive].reshape(-1) if alive is not None else torch.ones(logits[-1].shape[0], dtype=torch.bool))
         logits = torch.cat(logits)[torch.cat(live)]
         net = graph.get_submodule(node.target)
+        layers = 2 if config.layers and node.meta.get(META_ROLE) == "gate.logits" else 0
         for j in range(logits.shape[1]):
+            kind = "tokens" if node.meta.get(META_ROLE) == "tokens.score" else "heads" if j < logits.shape[1] - layers else "layers"
             col = logits[:, j] - cut  # on at inference: col > 0
-            expected = torch.sigmoid(logits[:, j] - config.tau * cut).mean()  # training: P(sigmoid((l + noise) / tau) > threshold)
-            shift = torch.quantile(col, float(1 - expected)) if col.numel() else col.new_zeros(())
+            # training: P(sigmoid((l + noise) / tau) > threshold)
+            expected = torch.tensor(shares[kind]) if kind in shares else torch.sigmoid(logits[:, j] - config.tau * cut).mean()
+            if not col.numel():
+                shift = col.new_zeros(())
+            elif expected >= 1:  # all on: strictly above the lowest
+                shift = col.min() - 1
+            else:
+                shift = torch.quantile(col, float(1 - expected))
             net.fc.bias[j] -= shift
             report.append({"module": node.target, "output": j, "expected": float(expected),
                            "before": float((col > 0).float().mean()), "after": float((col - shift > 0).float().mean()),
                            "shift": float(-shift)})
     return report
 
-
-def _capture(graph, x: torch.Tensor, wanted: set) -> dict:
-    """Run ``graph`` on ``x`` and return the values of the ``wanted`` nodes."""
-    import torch.fx as fx
-
-    seen = {}
-
-    class _Rec(fx.Interpreter):
-        def run_node(self, n):
-            out = super().run_node(n)
-            if n in wanted:
-                seen[n] = out
-            return out
-
-    _Rec(graph).run(x)
-    return seen
