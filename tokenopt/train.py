@@ -250,11 +250,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         if rank == 0:
             for name, value in knobs.items():  # evaluate at the configured knob values
                 setattr(net, name, value)
-            record["test_accuracy"] = evaluate(net, test_x, test_y)
-            net.eval()
-            counts = tokenopt.token_counts(net.eval_graph, test_x[:500])  # tokens after each block
-            net.train()
-            record["tokens_per_block"] = [round(c.float().mean().item(), 2) for c in counts.values()]
+            record.update(_measure(net, test_x, test_y))
             log.append(record)
             _save(cfg, net, opt, sched, epoch, log)
             display.note(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
@@ -270,10 +266,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         net.eval()
         report = policy.after_training(net, train_x[:CALIBRATION_IMAGES])
         if report is not None:
-            log[-1]["after_training"] = {
-                "report": report, "test_accuracy": evaluate(net, test_x, test_y),
-                "tokens_per_block": [round(c.float().mean().item(), 2)
-                                     for c in tokenopt.token_counts(net.eval_graph, test_x[:500]).values()]}
+            log[-1]["after_training"] = {"report": report, **_measure(net, test_x, test_y)}
             _save_policy(cfg, net, log)  # policy.pt and log.json; checkpoint.pt keeps the trained state (resume)
             display.note("after training: " + ", ".join(f"{k} {v}" for k, v in log[-1]["after_training"].items()
                                                           if k != "report"))
@@ -281,9 +274,26 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     return {"log": log, "net": net}
 
 
+def _measure(net, test_x: torch.Tensor, test_y: torch.Tensor) -> dict:
+    """Test accuracy (eval mode) and the tokens after each block (first 500 test images, per image)."""
+    import tokenopt
+
+    accuracy = evaluate(net, test_x, test_y)
+    was = net.training
+    net.eval()
+    counts = tokenopt.token_counts(net.eval_graph, test_x[:500])
+    net.train(was)
+    return {"test_accuracy": accuracy, "tokens_per_block": [round(c.float().mean().item(), 2) for c in counts.values()]}
+
+
+def _cpu(state: dict) -> dict:
+    """A state dict as CPU tensors: model.pt and policy.pt load anywhere."""
+    return {k: v.detach().cpu() for k, v in state.items()}
+
+
 def _save_policy(cfg: TrainConfig, net, log: list) -> None:
     """After a policy's ``after_training`` step: its weights (``policy.pt``) and the log, atomically."""
-    _write(cfg, [("policy.pt", {k: v.detach().cpu() for k, v in net.policy_state_dict().items()})], log)
+    _write(cfg, [("policy.pt", _cpu(net.policy_state_dict()))], log)
 
 
 def _write(cfg: TrainConfig, saved: list, log: list) -> None:
@@ -303,13 +313,9 @@ def _save(cfg: TrainConfig, net, opt, sched, epoch: int, log: list) -> None:
     state = {"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
              "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(), "epoch": epoch, "log": log,
              "config": dataclasses.asdict(cfg), "cuda_rng": torch.cuda.get_rng_state() if on_cuda else None}
-
-    def cpu(sd):  # model.pt and policy.pt load anywhere (plain CPU state dicts)
-        return {k: v.detach().cpu() for k, v in sd.items()}
-
-    saved = [("checkpoint.pt", state), ("model.pt", cpu(net.model_state_dict()))]
+    saved = [("checkpoint.pt", state), ("model.pt", _cpu(net.model_state_dict()))]
     if net.policy_state_dict():
-        saved.append(("policy.pt", cpu(net.policy_state_dict())))
+        saved.append(("policy.pt", _cpu(net.policy_state_dict())))
     _write(cfg, saved, log)
 
 
