@@ -10,8 +10,12 @@
 #   PARALLEL=1   run the four fine-tunes at once (on a GPU, where one small run leaves it mostly idle);
 #                default: one after another
 #   EXTRA="..."  more `tokenopt train` arguments for every run (e.g. "--device cpu --train-images 512")
+#   FT_EXTRA="..."  more arguments for the fine-tunes only (e.g. "--train-images 30000")
 #   BASE=path/model.pt  fine-tune from this base model instead of training one (OUT/base is then not made)
 #   PY=python    the interpreter
+# On a 2-core CPU (no GPU; README, session 8: 38 min base + 50 min fine-tunes, far too short to hold accuracy):
+#   EXTRA="--precision bf16 --device cpu" BASE_EPOCHS=3 FT_EPOCHS=1 ADAVIT_EPOCHS=1 \
+#     FT_EXTRA="--train-images 30000" scripts/train_learned.sh out/c192
 set -euo pipefail
 OUT=${1:?usage: scripts/train_learned.sh OUT}
 PY=${PY:-python}
@@ -32,7 +36,7 @@ if [ -z "${BASE:-}" ]; then
   BASE=$OUT/base/model.pt
 fi
 
-FT="--init $BASE --distill --lr 3e-4 --warmup-steps 50"
+FT="--init $BASE --distill --lr 3e-4 --warmup-steps 50 ${FT_EXTRA:-}"
 runs=(
   "avit   $FT_EPOCHS     --policy avit --set gamma=10.0 --set beta=1.0 --set ponder_weight=0.0003 --set prior_mean=2.5"
   "sait   $FT_EPOCHS     --policy sait --set density=0.65 --set train_density=0.65"
