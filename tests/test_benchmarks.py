@@ -136,3 +136,32 @@ def test_bench_adavit_gates_sets_the_use_it_is_asked_for(tmp_path):
     data = run("1", "0.75", "1")
     assert data["sub_layers_per_gated_block"] == 1.5 and data["heads_per_gated_block"] == 1.5  # 6 of 8 images
     assert data["tokens_after_each_block"] == [197.0] * 3
+
+
+def test_probe_selection_keeping_every_token_is_the_model_and_its_oracle_path_is_topk(tmp_path, capsys):
+    """Keeping all 196 patches, every criterion gives the unpruned accuracy; at K=20 the script's own check
+    (its score-buffer path at the pruning block equals ``tokenopt.TopK``) passes, or it exits."""
+    import os
+
+    import pytest
+
+    from tokenopt.fidelity import FASHION_MNIST_ROOT
+    from tokenopt.train import parse_args, train
+
+    if not os.path.exists(os.path.join(FASHION_MNIST_ROOT, "t10k-labels-idx1-ubyte.gz")):
+        pytest.skip("Fashion-MNIST not installed (scripts/dev installs it)")
+    train(parse_args(["--out", str(tmp_path / "base"), "--train-images", "256", "--test-images", "64", "--batch", "64",
+                      "--depth", "3", "--embed-dim", "32", "--epochs", "1", "--warmup-steps", "1", "--no-progress"]),
+          progress=False)
+    out = tmp_path / "p.json"
+    probe = _load("probe_selection")
+    with pytest.raises(SystemExit):
+        probe.main(["--run", str(tmp_path / "base"), "--block", "2", "--json", str(out)])  # the last block
+    probe.main(["--run", str(tmp_path / "base"), "--block", "1", "--keep", "196,20", "--images", "100", "--batch", "50",
+                "--seeds", "1", "--json", str(out)])
+    data = json.loads(out.read_text())
+    everything, few = data["rows"]
+    assert set(everything) == {"keep", "cls@1", "cls@2", "random"}
+    assert all(everything[k] == data["base"] for k in ("cls@1", "cls@2", "random"))
+    assert few["keep"] == 20 and all(0 <= few[k] <= 1 for k in ("cls@1", "cls@2", "random"))
+    assert "| 20 |" in capsys.readouterr().out
