@@ -139,8 +139,8 @@ def test_bench_adavit_gates_sets_the_use_it_is_asked_for(tmp_path):
 
 
 def test_probe_selection_keeping_every_token_is_the_model_and_its_oracle_path_is_topk(tmp_path, capsys):
-    """Keeping all 196 patches, every criterion gives the unpruned accuracy; at K=20 the script's own check
-    (its score-buffer path at the pruning block equals ``tokenopt.TopK``) passes, or it exits."""
+    """Keeping all 196 patches, every criterion gives the unpruned accuracy; at each K the script's own check
+    (its score-buffer path at the pruning block gives ``tokenopt.TopK``'s logits) passes, or it exits."""
     import os
 
     import pytest
@@ -165,3 +165,11 @@ def test_probe_selection_keeping_every_token_is_the_model_and_its_oracle_path_is
     assert all(everything[k] == data["base"] for k in ("cls@1", "cls@2", "random"))
     assert few["keep"] == 20 and all(0 <= few[k] <= 1 for k in ("cls@1", "cls@2", "random"))
     assert "| 20 |" in capsys.readouterr().out
+    true_scores = probe.cls_attention  # the check catches a score path that keeps other tokens than top-k
+    probe.cls_attention = lambda *a: {b: -v for b, v in true_scores(*a).items()}
+    try:
+        with pytest.raises(SystemExit, match="differs from TopK"):
+            probe.main(["--run", str(tmp_path / "base"), "--block", "1", "--keep", "20", "--images", "50",
+                        "--batch", "50", "--seeds", "1", "--json", str(out)])
+    finally:
+        probe.cls_attention = true_scores
