@@ -178,3 +178,33 @@ def test_policy_lr_scale(tmp_path):
     assert step1.abs().max() > 0 and torch.allclose(step10, 10 * step1, rtol=0.05, atol=1e-7)
     with pytest.raises(ValueError, match="policy-lr-scale"):
         train(parse_args(["--out", str(tmp_path / "x"), "--policy-lr-scale", "0", *small]), progress=False)
+
+
+def test_init_policy_continues_the_decision_networks(tmp_path):
+    """``--init-policy`` starts a learned policy's own modules (DynamicViT's predictors) from a ``policy.pt``:
+    with a vanishing learning rate the continued run keeps them, while a run without it starts fresh ones.
+    A policy.pt of other blocks, or one given to a policy without weights of its own, is a clear error."""
+    from tokenopt.train import parse_args, train
+
+    small = ["--train-images", "128", "--test-images", "64", "--batch", "64", "--depth", "3", "--embed-dim", "32",
+             "--warmup-steps", "1", "--no-progress", "--epochs", "1"]
+    train(parse_args(["--out", str(tmp_path / "base"), *small]), progress=False)
+    init = ["--init", str(tmp_path / "base" / "model.pt"), "--policy", "dynamicvit", "--set", "blocks=(0,)"]
+    train(parse_args(["--out", str(tmp_path / "first"), *init, "--lr", "3e-3", *small]), progress=False)
+    trained = torch.load(tmp_path / "first" / "policy.pt", weights_only=True)
+    still = ["--lr", "1e-10", *small]
+    given = ["--init-policy", str(tmp_path / "first" / "policy.pt")]
+    train(parse_args(["--out", str(tmp_path / "cont"), *init, *given, *still]), progress=False)
+    train(parse_args(["--out", str(tmp_path / "fresh"), *init, *still]), progress=False)
+    cont = torch.load(tmp_path / "cont" / "policy.pt", weights_only=True)
+    fresh = torch.load(tmp_path / "fresh" / "policy.pt", weights_only=True)
+    assert set(cont) == set(trained)
+    for k in trained:
+        torch.testing.assert_close(cont[k], trained[k], atol=1e-6, rtol=0)
+    assert max((fresh[k] - trained[k]).abs().max() for k in trained) > 1e-3
+    with pytest.raises(ValueError, match="does not fit policy 'dynamicvit'.*same --policy, --set blocks"):
+        train(parse_args(["--out", str(tmp_path / "x"), *init[:4], "--set", "blocks=(0,1)", *given, *still]),
+              progress=False)
+    with pytest.raises(ValueError, match="no weights of its own.*drop --init-policy"):
+        train(parse_args(["--out", str(tmp_path / "y"), *init[:2], "--policy", "sait", *given, *still]),
+              progress=False)

@@ -6,6 +6,8 @@
     tokenopt train --out out/vit192 --embed-dim 192 --heads 3 --mlp-ratio 4 --device cuda   # wider, on a GPU
     tokenopt train --out out/avit2 --policy avit --init out/avit/model.pt --distill --teacher out/vit/model.pt \
         --precision bf16                                                         # continue a fine-tune
+    tokenopt train --out out/dvit2 --policy dynamicvit --init out/dvit/model.pt --init-policy out/dvit/policy.pt \
+        --distill --teacher out/vit/model.pt                          # continue one whose policy has its own weights
 
 One process or several under ``torchrun`` (``DistributedDataParallel``; gloo on CPU, nccl on CUDA) run
 the same steps: every step takes the same global batch (a seeded permutation per epoch), each process
@@ -55,6 +57,7 @@ class TrainConfig:
     policy: str = "none"  # "none", "avit", "adavit", "dynamicvit" or "sait"
     policy_options: dict = dataclasses.field(default_factory=dict)
     init: Optional[str] = None  # a model.pt to start from (fine-tuning)
+    init_policy: Optional[str] = None  # a policy.pt to start the policy's own modules from (continuing a fine-tune)
     epochs: int = 6
     batch: int = 128  # global batch
     lr: float = 1e-3
@@ -181,6 +184,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         teacher.to(device).eval().requires_grad_(False)
     autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     net = tokenopt.prepare_training(model, policy=cfg.policy, example_inputs=example, **cfg.policy_options)
+    if cfg.init_policy:
+        _load_policy(net, cfg)
     policy = net.meta["tokenopt.policy"]
     distill_weight = getattr(policy, "distill_weight", 0.5)
     knobs = net.knobs  # (SaiT: density, the value it runs at; training alternates it)
@@ -286,6 +291,28 @@ def _measure(net, test_x: torch.Tensor, test_y: torch.Tensor) -> dict:
     return {"test_accuracy": accuracy, "tokens_per_block": [round(c.float().mean().item(), 2) for c in counts.values()]}
 
 
+def _load_policy(net, cfg: TrainConfig) -> None:
+    """``--init-policy``: the policy's own modules (decision networks) from a ``policy.pt``, whose names must
+    be exactly this policy's (same policy, blocks and model size), so a continued fine-tune starts from the
+    trained decisions instead of fresh ones."""
+    own = net.policy_state_dict()
+    if not own:
+        raise ValueError(f"--init-policy {cfg.init_policy}: policy {cfg.policy!r} has no weights of its own "
+                         f"(only adavit and dynamicvit do); drop --init-policy")
+    state = torch.load(cfg.init_policy, map_location="cpu", weights_only=True)
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"--init-policy {cfg.init_policy} does not fit policy {cfg.policy!r} on this model: "
+                         f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected "
+                         f"{unexpected[:3]}{'...' if len(unexpected) > 3 else ''}; give the policy.pt of a run with "
+                         f"the same --policy, --set blocks and model size")
+    bad = [k for k in own if state[k].shape != own[k].shape]
+    if bad:
+        raise ValueError(f"--init-policy {cfg.init_policy}: {bad[0]} has shape {tuple(state[bad[0]].shape)}, this "
+                         f"model's has {tuple(own[bad[0]].shape)}; give the policy.pt of a run with the same model size")
+    net.load_state_dict(state, strict=False)
+
+
 def _cpu(state: dict) -> dict:
     """A state dict as CPU tensors: model.pt and policy.pt load anywhere."""
     return {k: v.detach().cpu() for k, v in state.items()}
@@ -364,7 +391,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = TrainConfig()
     helps = {"out": "folder for log.json, checkpoint.pt and model.pt", "policy": "none, avit, adavit, dynamicvit or sait",
-             "init": "a model.pt to start from (fine-tuning)", "batch": "global batch (split over processes)",
+             "init": "a model.pt to start from (fine-tuning)",
+             "init_policy": "a policy.pt (adavit, dynamicvit) to start the policy's decision networks from", "batch": "global batch (split over processes)",
              "train_images": "first N training images", "test_images": "first N test images (accuracy each epoch)",
              "warmup_steps": "linear warm-up, then cosine decay", "seed": "data order and initialisation",
              "device": "auto (CUDA when there is one), cpu or cuda[:N]; under torchrun each process its LOCAL_RANK GPU",
