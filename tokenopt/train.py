@@ -392,7 +392,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     defaults = TrainConfig()
     helps = {"out": "folder for log.json, checkpoint.pt and model.pt", "policy": "none, avit, adavit, dynamicvit or sait",
              "init": "a model.pt to start from (fine-tuning)",
-             "init_policy": "a policy.pt (adavit, dynamicvit) to start the policy's decision networks from", "batch": "global batch (split over processes)",
+             "init_policy": "a policy.pt (adavit, dynamicvit) to start the policy's decision networks from",
+             "batch": "global batch (split over processes)",
              "train_images": "first N training images", "test_images": "first N test images (accuracy each epoch)",
              "warmup_steps": "linear warm-up, then cosine decay", "seed": "data order and initialisation",
              "device": "auto (CUDA when there is one), cpu or cuda[:N]; under torchrun each process its LOCAL_RANK GPU",
