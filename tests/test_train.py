@@ -181,8 +181,9 @@ def test_policy_lr_scale(tmp_path):
 
 
 def test_init_policy_continues_the_decision_networks(tmp_path):
-    """``--init-policy`` starts a learned policy's own modules (DynamicViT's predictors) from a ``policy.pt``:
-    with a vanishing learning rate the continued run keeps them, while a run without it starts fresh ones.
+    """``--init-policy`` starts a learned policy's own modules (DynamicViT's predictors) from a ``policy.pt`` or
+    a ``checkpoint.pt``: with a vanishing learning rate the continued run keeps them, while a run without it
+    starts fresh ones.
     A policy.pt of other blocks, or one given to a policy without weights of its own, is a clear error."""
     from tokenopt.train import parse_args, train
 
@@ -202,6 +203,14 @@ def test_init_policy_continues_the_decision_networks(tmp_path):
     for k in trained:
         torch.testing.assert_close(cont[k], trained[k], atol=1e-6, rtol=0)
     assert max((fresh[k] - trained[k]).abs().max() for k in trained) > 1e-3
+    # a checkpoint.pt gives the networks as trained (before any after-training step, e.g. AdaViT's calibration)
+    ckpt = torch.load(tmp_path / "first" / "checkpoint.pt", weights_only=True)["model"]
+    from_ckpt = ["--init-policy", str(tmp_path / "first" / "checkpoint.pt")]
+    train(parse_args(["--out", str(tmp_path / "cont2"), *init, *from_ckpt, *still]), progress=False)
+    cont2 = torch.load(tmp_path / "cont2" / "policy.pt", weights_only=True)
+    assert set(cont2) == set(trained)
+    for k in trained:
+        torch.testing.assert_close(cont2[k], ckpt[k], atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="does not fit policy 'dynamicvit'.*same --policy, --set blocks"):
         train(parse_args(["--out", str(tmp_path / "x"), *init[:4], "--set", "blocks=(0,1)", *given, *still]),
               progress=False)

@@ -4,9 +4,9 @@
     tokenopt train --out out/fmnist_avit --policy avit --init out/fmnist_vit/model.pt --epochs 2
     torchrun --nproc-per-node 2 -m tokenopt.train --out out/ddp --epochs 1       # the same, 2 processes
     tokenopt train --out out/vit192 --embed-dim 192 --heads 3 --mlp-ratio 4 --device cuda   # wider, on a GPU
-    tokenopt train --out out/avit2 --policy avit --init out/avit/model.pt --distill --teacher out/vit/model.pt \
+    tokenopt train --out out/avit2 --policy avit --init out/avit/model.pt --distill --teacher out/vit/model.pt \\
         --precision bf16                                                         # continue a fine-tune
-    tokenopt train --out out/dvit2 --policy dynamicvit --init out/dvit/model.pt --init-policy out/dvit/policy.pt \
+    tokenopt train --out out/dvit2 --policy dynamicvit --init out/dvit/model.pt --init-policy out/dvit/policy.pt \\
         --distill --teacher out/vit/model.pt                          # continue one whose policy has its own weights
 
 One process or several under ``torchrun`` (``DistributedDataParallel``; gloo on CPU, nccl on CUDA) run
@@ -57,7 +57,7 @@ class TrainConfig:
     policy: str = "none"  # "none", "avit", "adavit", "dynamicvit" or "sait"
     policy_options: dict = dataclasses.field(default_factory=dict)
     init: Optional[str] = None  # a model.pt to start from (fine-tuning)
-    init_policy: Optional[str] = None  # a policy.pt to start the policy's own modules from (continuing a fine-tune)
+    init_policy: Optional[str] = None  # a policy.pt or checkpoint.pt to start the policy's own modules from (continuing)
     epochs: int = 6
     batch: int = 128  # global batch
     lr: float = 1e-3
@@ -292,14 +292,17 @@ def _measure(net, test_x: torch.Tensor, test_y: torch.Tensor) -> dict:
 
 
 def _load_policy(net, cfg: TrainConfig) -> None:
-    """``--init-policy``: the policy's own modules (decision networks) from a ``policy.pt``, whose names must
-    be exactly this policy's (same policy, blocks and model size), so a continued fine-tune starts from the
-    trained decisions instead of fresh ones."""
+    """``--init-policy``: the policy's own modules (decision networks) from a ``policy.pt``, or from a
+    ``checkpoint.pt`` (the networks as trained, before any ``after_training`` step such as AdaViT's gate
+    calibration), whose names must be exactly this policy's (same policy, blocks and model size), so a
+    continued fine-tune starts from the trained decisions instead of fresh ones."""
     own = net.policy_state_dict()
     if not own:
         raise ValueError(f"--init-policy {cfg.init_policy}: policy {cfg.policy!r} has no weights of its own "
                          f"(only adavit and dynamicvit do); drop --init-policy")
     state = torch.load(cfg.init_policy, map_location="cpu", weights_only=True)
+    if isinstance(state.get("model"), dict) and "optimizer" in state:  # a checkpoint.pt: its policy's weights
+        state = {k: v for k, v in state["model"].items() if k.startswith("tokenopt_") and not k.startswith("tokenopt_knob_")}
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
         raise ValueError(f"--init-policy {cfg.init_policy} does not fit policy {cfg.policy!r} on this model: "
@@ -392,7 +395,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     defaults = TrainConfig()
     helps = {"out": "folder for log.json, checkpoint.pt and model.pt", "policy": "none, avit, adavit, dynamicvit or sait",
              "init": "a model.pt to start from (fine-tuning)",
-             "init_policy": "a policy.pt (adavit, dynamicvit) to start the policy's decision networks from",
+             "init_policy": "a policy.pt (adavit, dynamicvit) to start the policy's decision networks from; a "
+                            "checkpoint.pt gives them as trained (AdaViT: before its gate calibration)",
              "batch": "global batch (split over processes)",
              "train_images": "first N training images", "test_images": "first N test images (accuracy each epoch)",
              "warmup_steps": "linear warm-up, then cosine decay", "seed": "data order and initialisation",
