@@ -31,7 +31,7 @@ def train_a_little(policy, steps: int = 2):
     opt = torch.optim.AdamW(tm.parameters(), lr=1e-4)
     for step in range(steps):
         if "density" in tm.knobs:  # SaiT: dense and sparse steps alternate
-            tm.density = 1.0 if step % 2 == 0 else policy.train_density
+            tm.density = 1.0 if step % 2 == 0 else policy.sparse_density(torch.rand(()).item())
         x, y = torch.randn(8, 3, 64, 64), torch.randint(0, 5, (8,))
         loss = F.cross_entropy(tm(x), y)
         losses = tm.aux_losses()  # the policy's own losses of this call, already weighted

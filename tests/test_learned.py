@@ -221,6 +221,18 @@ def test_sait_packed_graph_equals_the_equations_and_density_is_a_knob(vit):
         gm.density = 0.0
 
 
+def test_sait_train_density_is_a_share_or_a_range():
+    """``train_density``: one share, every sparse step at it; or a range, a sparse step's density drawn from it."""
+    assert tokenopt.SaiT(train_density=0.6).sparse_density(0.99) == 0.6
+    wide = tokenopt.SaiT(train_density=(0.5, 0.9))
+    assert wide.train_density == (0.5, 0.9)
+    assert [wide.sparse_density(u) for u in (0.0, 0.5)] == [0.5, pytest.approx(0.7)]
+    for bad, match in (((0.9, 0.5), "low > high"), ((0.5, 0.7, 0.9), "range .low, high. of two"),
+                       ((0.0, 0.5), r"float in \(0, 1\]"), (1.5, r"float in \(0, 1\]")):
+        with pytest.raises(ValueError, match=match):
+            tokenopt.SaiT(train_density=bad)
+
+
 def test_sait_training_graph_forward_and_gradients_equal_per_image_runs(vit):
     model = copy.deepcopy(vit).train()
     x = torch.randn(3, 3, 64, 64)

@@ -90,6 +90,24 @@ def test_learned_policies_train_by_the_same_entry_point(tmp_path, policy):
     assert record["tokens_per_block"][1] < 197
 
 
+def test_sait_sparse_steps_draw_their_density_from_a_range(tmp_path, monkeypatch):
+    """``--set train_density=(low, high)``: every sparse (odd) step runs at a density drawn from the range,
+    the draws differ, and the same seed draws the same ones (so runs and resumes repeat)."""
+    from tokenopt.policies.sait import SaiT
+    from tokenopt.train import parse_args, train
+
+    drawn = []
+    plain = SaiT.sparse_density
+    monkeypatch.setattr(SaiT, "sparse_density", lambda self, u: drawn.append(plain(self, u)) or drawn[-1])
+    args = ["--train-images", "256", "--test-images", "100", "--batch", "32", "--depth", "2", "--embed-dim", "32",
+            "--policy", "sait", "--set", "train_density=(0.4,0.8)", "--no-progress", "--epochs", "1"]
+    for run in ("a", "b"):
+        train(parse_args(["--out", str(tmp_path / run), *args]), progress=False)
+    assert len(drawn) == 2 * 4  # 256 images / batch 32 = 8 steps, 4 sparse, per run
+    assert all(0.4 <= d <= 0.8 for d in drawn) and len(set(drawn[:4])) == 4
+    assert drawn[:4] == drawn[4:]
+
+
 def test_device_option(tmp_path):
     """``--device``: "auto" is CUDA only where there is one; asking for CUDA on a machine without one is a
     clear error before any work; the weights written load anywhere (CPU tensors)."""

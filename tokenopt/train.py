@@ -18,7 +18,7 @@ RNG states, the log) from which ``--resume`` continues exactly; ``model.pt`` hol
 original architecture (an ordinary state dict) and ``policy.pt`` a learned policy's own weights
 (AdaViT's and DynamicViT's decision networks: ``optimize(model, policy, policy_state="policy.pt")``).
 Policies: ``none``, ``avit``, ``adavit``, ``dynamicvit`` and ``sait`` (alternating dense and sparse steps: density 1 on even steps,
-``train_density`` on odd ones); ``--distill`` adds a KL term to the predictions of the ``--teacher``
+``train_density`` on odd ones, or a density drawn uniformly from a ``train_density=(low, high)`` range); ``--distill`` adds a KL term to the predictions of the ``--teacher``
 model (default: the ``--init`` model; name the unpruned model when ``--init`` continues a fine-tune)
 (weight: the policy's ``distill_weight``, else 0.5). The model: a timm ViT at 28x28, patch 2 (196 patch
 tokens + CLS), one input channel, no dropout (so runs are deterministic and comparable). ``--device``:
@@ -220,13 +220,15 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     shard = cfg.batch // world
     for epoch in range(start_epoch, cfg.epochs):
         started = time.time()
-        order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)).to(device)
+        draw = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)  # the epoch's data order, then SaiT's densities
+        order = torch.randperm(len(train_y), generator=draw).to(device)
+        uniform = torch.rand(steps_per_epoch, generator=draw).tolist()  # (the same on every process)
         sums: dict[str, float] = {}
         display.start(f"epoch {epoch + 1}/{cfg.epochs}")
         for step in range(steps_per_epoch):
             idx = order[step * cfg.batch:(step + 1) * cfg.batch][rank * shard:(rank + 1) * shard]
             if "density" in knobs:  # SaiT: dense and sparse steps alternate
-                net.density = 1.0 if step % 2 == 0 else policy.train_density
+                net.density = 1.0 if step % 2 == 0 else policy.sparse_density(uniform[step])
             with autocast():  # (bf16: matrix products in bfloat16; losses below in float32)
                 logits = ddp(train_x[idx]).float()
             task = F.cross_entropy(logits, train_y[idx])

@@ -10,13 +10,14 @@ attention and each image keeps the fewest that carry ``density`` of its mass (``
 ``density`` is a *knob*: a 0-d buffer of the emitted graph (``gm.density = 0.8``), not a rebuild;
 ``gm.density = 1.0`` keeps every token, which is the original model. Counts vary per image, so the
 inference graph is packed. Training (``tokenopt train --policy sait``) alternates dense steps
-(density 1) and sparse steps (``train_density``) on the masked graph.
+(density 1) and sparse steps (``train_density``, or a density drawn from a ``train_density`` range) on
+the masked graph.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -42,24 +43,45 @@ class SaiT(PolicyConfig):
     Args:
         density: the share of each image's CLS-attention mass its kept patch tokens carry, in (0, 1];
             the graph's starting value (change it on the graph: ``gm.density = 0.7``; 1.0 = dense).
-        train_density: the density of the sparse training steps (``tokenopt train``); dense steps use 1.
+        train_density: the density of the sparse training steps (``tokenopt train``; dense steps use 1), or
+            a range ``(low, high)``: each sparse step draws its density uniformly from it, so the weights
+            learn every density the graph may run at (tokenopt's addition; one fixed density trains the
+            model for that token count and no other).
         blocks: where to prune (after attention); default one block, a quarter of the way in
             (tokenopt's choice: early enough to save most of the work).
     """
 
     density: float = 0.9
-    train_density: float = 0.8
+    train_density: Union[float, tuple[float, float]] = 0.8
     blocks: Optional[tuple[int, ...]] = None
     name = "sait"
     adaptive = True
 
     def __post_init__(self):
         object.__setattr__(self, "density", _share("density", self.density))
-        object.__setattr__(self, "train_density", _share("train_density", self.train_density))
+        td = self.train_density
+        if isinstance(td, (tuple, list)):
+            if len(td) != 2:
+                raise ValueError(f"sait: train_density must be a share or a range (low, high) of two; got {td!r}. "
+                                 "Example: train_density=(0.7, 0.99)")
+            td = tuple(_share("train_density", v) for v in td)
+            if td[0] > td[1]:
+                raise ValueError(f"sait: train_density range {td!r} has low > high. Example: train_density=(0.7, 0.99)")
+        else:
+            td = _share("train_density", td)
+        object.__setattr__(self, "train_density", td)
         object.__setattr__(self, "blocks", check_blocks(self.name, self.blocks))
 
     def default_blocks(self, depth):
         return [max(1, depth // 4)] if depth > 1 else []
+
+    def sparse_density(self, u: float) -> float:
+        """The density of a sparse training step, given a uniform draw ``u`` in [0, 1): ``train_density``,
+        or for a range ``(low, high)``, ``low + u * (high - low)``."""
+        if isinstance(self.train_density, tuple):
+            low, high = self.train_density
+            return low + u * (high - low)
+        return self.train_density
 
     def default_mode(self):
         return "packed"
