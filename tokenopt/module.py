@@ -49,6 +49,12 @@ def carried_attributes(model: torch.nn.Module) -> dict[str, Any]:
     return out
 
 
+def policy_weights(state: dict) -> dict:
+    """The entries of an optimized or training module's state dict that are the learned policy's own
+    weights (``tokenopt_<policy>.*``; the knobs, ``tokenopt_knob_*``, left out)."""
+    return {k: v for k, v in state.items() if k.startswith("tokenopt_") and not k.startswith("tokenopt_knob_")}
+
+
 def _own_weights(*gms: fx.GraphModule) -> None:
     """Give the graphs copies of every parameter, buffer and tensor constant they hold, shared among them.
 
@@ -159,7 +165,7 @@ class OptimizedModule(fx.GraphModule):
     def policy_state_dict(self) -> dict[str, torch.Tensor]:
         """The weights of the learned policy's own modules (``tokenopt_<policy>.*``), for ``optimize(...,
         policy_state=...)``; empty for policies without any."""
-        return {k: v for k, v in self.state_dict().items() if k.startswith("tokenopt_") and not k.startswith("tokenopt_knob_")}
+        return policy_weights(self.state_dict())
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         """The model's own weights (the policy's modules and knobs left out): loads into the original

@@ -304,7 +304,9 @@ def _load_policy(net, cfg: TrainConfig) -> None:
                          f"(only adavit and dynamicvit do); drop --init-policy")
     state = torch.load(cfg.init_policy, map_location="cpu", weights_only=True)
     if isinstance(state.get("model"), dict) and "optimizer" in state:  # a checkpoint.pt: its policy's weights
-        state = {k: v for k, v in state["model"].items() if k.startswith("tokenopt_") and not k.startswith("tokenopt_knob_")}
+        from tokenopt.module import policy_weights
+
+        state = policy_weights(state["model"])
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
         raise ValueError(f"--init-policy {cfg.init_policy} does not fit policy {cfg.policy!r} on this model: "
