@@ -11,6 +11,11 @@ image, averaged over blocks and images), heads and sub-layers run per block (Ada
 policy runs them all), FLOPs per image counted while the graph runs (``FlopCounterMode``,
 so per-image counts count) as a ratio to the base model's, and throughput at ``--batch`` (medians over
 ``--rounds`` interleaved runs) as a ratio to the base model's. A run that is missing is skipped, and said.
+
+``--tune-malloc`` keeps glibc from handing large tensors' memory back to the system after every op
+(``mallopt``: mmap threshold 32 MiB, trim threshold 4000 MiB, top pad 512 MiB; what
+``MALLOC_MMAP_THRESHOLD_`` etc. set from the environment). By default each large tensor is paged in
+afresh, which slows the base model most and moves the ratios from run to run (README, session 13).
 """
 
 from __future__ import annotations
@@ -23,6 +28,20 @@ import time
 
 import torch
 import torch.fx as fx
+
+
+def tune_malloc() -> None:
+    """glibc's allocator: keep freed memory for reuse instead of unmapping it (see the module docstring)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError as exc:
+        raise SystemExit(f"--tune-malloc: no glibc here ({exc}); run without it") from exc
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # <malloc.h>
+    for option, value in ((m_mmap_threshold, 32 << 20), (m_trim_threshold, 4000 << 20), (m_top_pad, 512 << 20)):
+        if libc.mallopt(option, value) != 1:
+            raise SystemExit(f"--tune-malloc: mallopt({option}, {value}) failed; run without it")
 
 
 def mlp_tokens(gm: fx.GraphModule, x: torch.Tensor) -> list[float]:
@@ -77,7 +96,10 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--test-images", type=int, default=10000)
     ap.add_argument("--json", default="out/bench_learned.json")
+    ap.add_argument("--tune-malloc", action="store_true", help="glibc keeps freed memory (see above)")
     args = ap.parse_args(argv)
+    if args.tune_malloc:
+        tune_malloc()
     layout = {"base": ("base", "out/fmnist_vit"), "avit": ("avit", "out/fmnist_avit"), "adavit": ("adavit", "out/fmnist_adavit"),
               "sait": ("sait", "out/fmnist_sait"), "dynamicvit": ("dvit", "out/fmnist_dvit")}
     for name, (sub, default) in layout.items():
@@ -158,7 +180,7 @@ def main(argv=None) -> int:
         rows[name]["throughput_ratio"] = rows[name]["images_per_second"] / ref
     base_acc = rows["base (no reduction)"]["accuracy"]
     print(f"Fashion-MNIST test ({len(test_y)} images); throughput at batch {args.batch}, {torch.get_num_threads()} "
-          f"threads, {args.rounds} interleaved rounds (medians)")
+          f"threads, {args.rounds} interleaved rounds (medians){', glibc tuned (--tune-malloc)' if args.tune_malloc else ''}")
     print("| policy | accuracy | drop (points) | tokens/block | heads/block | sub-layers/block | FLOPs ratio | img/s | "
           "throughput ratio |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -171,7 +193,7 @@ def main(argv=None) -> int:
     if args.json:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump({"rows": rows, "batch": args.batch, "skipped": skipped}, f, indent=1)
+            json.dump({"rows": rows, "batch": args.batch, "tune_malloc": args.tune_malloc, "skipped": skipped}, f, indent=1)
     return 0
 
 

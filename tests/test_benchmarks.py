@@ -112,6 +112,7 @@ def test_bench_learned_reads_a_runs_folder_with_inference_options(tmp_path, caps
     bench.main(["--runs", str(tmp_path), "--set", "avit.eps=0.001", "--test-images", "64", "--batch", "8", "--rounds", "1",
                 "--json", str(out)])
     rows = json.loads(out.read_text())
+    assert rows["tune_malloc"] is False
     assert set(rows["rows"]) == {"base (no reduction)", "ATS (max 0.5)", "ToMe (r=16)", "A-ViT (eps 0.001)"}
     assert [s.split(" ")[0] for s in rows["skipped"]] == ["AdaViT", "SaiT", "DynamicViT"]
     assert rows["rows"]["base (no reduction)"]["flops_ratio"] == 1.0
@@ -119,6 +120,17 @@ def test_bench_learned_reads_a_runs_folder_with_inference_options(tmp_path, caps
         bench.main(["--runs", str(tmp_path), "--set", "sait.density=0.5", "--test-images", "64", "--rounds", "1",
                     "--json", ""])  # no SaiT run here to apply it to
     capsys.readouterr()
+
+
+def test_bench_learned_tune_malloc_sets_glibc_in_its_own_process():
+    """``--tune-malloc`` changes the allocator of the process it runs in: checked in a child process, so this
+    test session keeps glibc's defaults."""
+    import subprocess
+
+    code = ("import importlib.util as u; s = u.spec_from_file_location('b', 'benchmarks/bench_learned.py'); "
+            "m = u.module_from_spec(s); s.loader.exec_module(m); m.tune_malloc(); print('tuned')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "tuned", done.stderr
 
 
 def test_bench_adavit_gates_sets_the_use_it_is_asked_for(tmp_path):
