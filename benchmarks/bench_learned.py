@@ -14,8 +14,9 @@ so per-image counts count) as a ratio to the base model's, and throughput at ``-
 
 ``--tune-malloc`` keeps glibc from handing large tensors' memory back to the system after every op
 (``mallopt``: mmap threshold 32 MiB, trim threshold 4000 MiB, top pad 512 MiB; what
-``MALLOC_MMAP_THRESHOLD_`` etc. set from the environment). By default each large tensor is paged in
-afresh, which slows the base model most and moves the ratios from run to run (README, session 13).
+``MALLOC_MMAP_THRESHOLD_`` etc. set from the environment). By default a large tensor's memory is
+faulted in afresh on each allocation; in one measurement that slowed the base model most, so it changes
+the ratios (README, session 13).
 """
 
 from __future__ import annotations
