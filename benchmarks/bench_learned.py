@@ -9,8 +9,12 @@ policy's inference graph; the training-free policies (ATS, ToMe) run on the base
 accuracy on the Fashion-MNIST test split, mean tokens per block (rows entering each block's MLP, per
 image, averaged over blocks and images), heads and sub-layers run per block (AdaViT's gates; every other
 policy runs them all), FLOPs per image counted while the graph runs (``FlopCounterMode``,
-so per-image counts count) as a ratio to the base model's, and throughput at ``--batch`` (medians over
-``--rounds`` interleaved runs) as a ratio to the base model's. A run that is missing is skipped, and said.
+so per-image counts count) as a ratio to the base model's, and throughput as a ratio to the base model's.
+Throughput: each round runs every graph, in alternating order, on ``--timing-batches`` distinct batches of
+``--batch`` test images (adaptive policies do different work on different images); per graph the median
+over ``--rounds`` rounds of its time for them all, and the spread of its ratio to the base model in the same
+round (lowest and highest of the rounds). FLOPs are counted on the same images. A run that is missing is
+skipped, and said.
 
 ``--tune-malloc`` keeps glibc from handing large tensors' memory back to the system after every op
 (``mallopt``: mmap threshold 32 MiB, trim threshold 4000 MiB, top pad 512 MiB; what
@@ -95,6 +99,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ats-max", type=float, default=0.5)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--timing-batches", type=int, default=4, help="distinct batches timed per round (default 4)")
     ap.add_argument("--test-images", type=int, default=10000)
     ap.add_argument("--json", default="out/bench_learned.json")
     ap.add_argument("--tune-malloc", action="store_true", help="glibc keeps freed memory (see above)")
@@ -153,48 +158,66 @@ def main(argv=None) -> int:
             setattr(gm, k, v)
         return gm
 
+    if args.batch < 1 or args.timing_batches < 1 or args.rounds < 1:
+        ap.error("--batch, --timing-batches and --rounds must be at least 1")
+    if args.batch * args.timing_batches > len(test_x):
+        ap.error(f"--batch {args.batch} x --timing-batches {args.timing_batches} is more than the {len(test_x)} test images")
+    batches = test_x[:args.batch * args.timing_batches].split(args.batch)
+    timed = args.batch * len(batches)
+
+    def flops(gm):
+        return sum(count_flops(gm, xb) for xb in batches) / timed
+
     rows = {}
-    x = test_x[:args.batch]
-    base_flops = count_flops(use("base (no reduction)"), x) / len(x)
+    base_flops = flops(use("base (no reduction)"))
     for name in graphs:
         gm = use(name)
         tokens = mlp_tokens(gm, test_x[:500])
         heads, sublayers = gates_run(gm, test_x[:500])
         rows[name] = {"accuracy": evaluate(gm, test_x, test_y), "tokens_per_block": tokens,
                       "mean_tokens": sum(tokens) / len(tokens), "heads_per_block": heads, "sublayers_per_block": sublayers,
-                      "flops_ratio": count_flops(gm, x) / len(x) / base_flops}
+                      "flops_ratio": flops(gm) / base_flops}
         print(f"measured {name}", flush=True)
     times = {k: [] for k in graphs}
     names = list(graphs)
     with torch.no_grad():
         for name in names:
-            use(name)(x)
+            use(name)(batches[0])
         for r in range(args.rounds):
             for name in (names if r % 2 == 0 else names[::-1]):
-                gm = use(name)  # (setting a knob is a buffer fill: outside the timed call)
-                start = time.perf_counter()
-                gm(x)
-                times[name].append(time.perf_counter() - start)
-    ref = args.batch / statistics.median(times["base (no reduction)"])
+                gm = use(name)  # (setting a knob is a buffer fill: outside the timed calls)
+                spent = 0.0
+                for xb in batches:
+                    start = time.perf_counter()
+                    gm(xb)
+                    spent += time.perf_counter() - start
+                times[name].append(spent)
+    base_times = times["base (no reduction)"]
+    ref = timed / statistics.median(base_times)
     for name in names:
-        rows[name]["images_per_second"] = args.batch / statistics.median(times[name])
+        per_round = [b / t for b, t in zip(base_times, times[name])]
+        rows[name]["images_per_second"] = timed / statistics.median(times[name])
         rows[name]["throughput_ratio"] = rows[name]["images_per_second"] / ref
+        rows[name]["throughput_ratio_rounds"] = [min(per_round), max(per_round)]
     base_acc = rows["base (no reduction)"]["accuracy"]
-    print(f"Fashion-MNIST test ({len(test_y)} images); throughput at batch {args.batch}, {torch.get_num_threads()} "
-          f"threads, {args.rounds} interleaved rounds (medians){', glibc tuned (--tune-malloc)' if args.tune_malloc else ''}")
+    print(f"Fashion-MNIST test ({len(test_y)} images); throughput at batch {args.batch} on {len(batches)} batches, "
+          f"{torch.get_num_threads()} threads, {args.rounds} interleaved rounds (medians; the ratio's range over the "
+          f"rounds){', glibc tuned (--tune-malloc)' if args.tune_malloc else ''}")
     print("| policy | accuracy | drop (points) | tokens/block | heads/block | sub-layers/block | FLOPs ratio | img/s | "
-          "throughput ratio |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "throughput ratio | its range |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         print(f"| {name} | {r['accuracy']:.2%} | {100 * (base_acc - r['accuracy']):.2f} | {r['mean_tokens']:.1f} | "
               f"{r['heads_per_block']:.2f} | {r['sublayers_per_block']:.2f} | "
-              f"{r['flops_ratio']:.2f} | {r['images_per_second']:.0f} | {r['throughput_ratio']:.2f}x |")
+              f"{r['flops_ratio']:.2f} | {r['images_per_second']:.0f} | {r['throughput_ratio']:.2f}x | "
+              f"{r['throughput_ratio_rounds'][0]:.2f}-{r['throughput_ratio_rounds'][1]:.2f} |")
     for s in skipped:
         print(f"skipped: {s}")
     if args.json:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump({"rows": rows, "batch": args.batch, "tune_malloc": args.tune_malloc, "skipped": skipped}, f, indent=1)
+            json.dump({"rows": rows, "batch": args.batch, "timing_batches": len(batches), "rounds": args.rounds,
+                       "tune_malloc": args.tune_malloc, "skipped": skipped}, f, indent=1)
     return 0
 
 

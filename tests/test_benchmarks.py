@@ -116,6 +116,12 @@ def test_bench_learned_reads_a_runs_folder_with_inference_options(tmp_path, caps
     assert set(rows["rows"]) == {"base (no reduction)", "ATS (max 0.5)", "ToMe (r=16)", "A-ViT (eps 0.001)"}
     assert [s.split(" ")[0] for s in rows["skipped"]] == ["AdaViT", "SaiT", "DynamicViT"]
     assert rows["rows"]["base (no reduction)"]["flops_ratio"] == 1.0
+    assert rows["timing_batches"] == 4 and rows["rounds"] == 1  # four distinct batches of 8 timed per round
+    for row in rows["rows"].values():  # one round: its ratio is the whole range
+        low, high = row["throughput_ratio_rounds"]
+        assert low == high == pytest.approx(row["throughput_ratio"])
+    with pytest.raises(SystemExit):  # 4 batches of 32 > 64 test images
+        bench.main(["--runs", str(tmp_path), "--test-images", "64", "--batch", "32", "--rounds", "1", "--json", ""])
     with pytest.raises(SystemExit):
         bench.main(["--runs", str(tmp_path), "--set", "sait.density=0.5", "--test-images", "64", "--rounds", "1",
                     "--json", ""])  # no SaiT run here to apply it to
