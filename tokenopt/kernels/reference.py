@@ -1101,6 +1101,9 @@ def head_attention_segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h
             outs.append(o.view(1, h, count * n, o.shape[-1]))
         else:  # one image, or no head on: image by image
             for i in range(first, first + count):
+                if n and on[i] == h:  # every head: on the views, nothing gathered or scattered
+                    outs.append(torch.nn.functional.scaled_dot_product_attention(qs[i], ks[i], vs[i], scale=scale))
+                    continue
                 oi = q.new_zeros(qs[i].shape[:-1] + (v.shape[-1],))
                 if n and on[i]:
                     sel = per_image[i]
