@@ -69,8 +69,13 @@ def adavit_train_reference(model, nets, img, cfg):
 
 def adavit_inference_reference(model, nets, img, cfg):
     """Each image alone: a gate that is off means that head / sub-layer is not run; a token whose gate is
-    off is removed. Returns the logits and, per image and block, (tokens, heads run or 0, MLP run)."""
-    logit_t = math.log(cfg.threshold / (1 - cfg.threshold))
+    off is removed. Returns the logits and, per image and block, (tokens, heads run or 0, MLP run). Each kind
+    of gate is on above its own threshold where the config sets one."""
+    def cut(own):
+        t = cfg.threshold if own is None else own
+        return math.log(t / (1 - t))
+
+    cut_h, cut_l, cut_t = cut(cfg.head_threshold), cut(cfg.layer_threshold), cut(cfg.token_threshold)
     logits, usage = [], []
     for n in range(img.shape[0]):
         x = _embed(model, img[n:n + 1])
@@ -79,8 +84,8 @@ def adavit_inference_reference(model, nets, img, cfg):
             h = model.blocks[i].attn.num_heads
             heads, attn_on, mlp_on = list(range(h)), True, True
             if i in GATED:
-                g = (_net(nets[f"gate{i}"], x[:, 0]) > logit_t)[0]
-                heads, attn_on, mlp_on = [j for j in range(h) if g[j]], bool(g[h]), bool(g[h + 1])
+                g = _net(nets[f"gate{i}"], x[:, 0])[0]
+                heads, attn_on, mlp_on = [j for j in range(h) if g[j] > cut_h], bool(g[h] > cut_l), bool(g[h + 1] > cut_l)
             t = x.shape[1]
             if attn_on:
                 q, k, v = blk.qkv(blk.norm1(x))
@@ -92,7 +97,7 @@ def adavit_inference_reference(model, nets, img, cfg):
                 x = x + blk.ls2(blk.mlp(blk.norm2(x)))
             rows.append((t, len(heads) if attn_on else 0, mlp_on))
             if i in STAGES:
-                keep = (_net(nets["tokens0"], x[:, 1:]).squeeze(-1) > logit_t)[0]
+                keep = (_net(nets["tokens0"], x[:, 1:]).squeeze(-1) > cut_t)[0]
                 x = torch.cat([x[:, :1], x[:, 1:][:, keep]], 1)
         logits.append(model.forward_head(model.norm(x)))
         usage.append(rows)
@@ -147,9 +152,11 @@ def test_adavit_training_graph_equals_the_equations_forward_and_gradients(vit):
         torch.testing.assert_close(nets[key].fc.weight.grad, ref_nets[key].fc.weight.grad, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("mode", ["packed", "padded", "masked"])
-def test_adavit_inference_graph_equals_each_image_run_alone_and_skips_the_work(vit, mode):
-    cfg = tokenopt.AdaViT(blocks=GATED, token_blocks=STAGES)
+@pytest.mark.parametrize("mode,thresholds", [("packed", {}), ("padded", {}), ("masked", {}),
+                                             ("packed", {"head_threshold": 0.3, "layer_threshold": 0.4,
+                                                         "token_threshold": 0.6})])
+def test_adavit_inference_graph_equals_each_image_run_alone_and_skips_the_work(vit, mode, thresholds):
+    cfg = tokenopt.AdaViT(blocks=GATED, token_blocks=STAGES, **thresholds)
     x = torch.randn(6, 3, 64, 64)
     tm = tokenopt.prepare_training(copy.deepcopy(vit), policy=cfg, example_inputs=(x,))
     state = _varied(tm.policy_state_dict(), seed=1)
@@ -158,6 +165,8 @@ def test_adavit_inference_graph_equals_each_image_run_alone_and_skips_the_work(v
     with torch.no_grad():
         want, usage = adavit_inference_reference(vit, nets, x, cfg)
         torch.testing.assert_close(gm(x), want, atol=1e-5, rtol=1e-5)
+        if thresholds:  # the kinds' own thresholds change what runs
+            assert usage != adavit_inference_reference(vit, nets, x, tokenopt.AdaViT(blocks=GATED, token_blocks=STAGES))[1]
     heads_run = [u[1] for rows in usage for u in rows[1:]]
     assert 0 in heads_run and 0 < sum(heads_run) < 3 * len(heads_run)  # skipped heads and attention sub-layers
     assert not all(u[2] for rows in usage for u in rows)  # a skipped MLP
@@ -198,6 +207,9 @@ def test_adavit_with_every_gate_on_equals_the_model_and_the_options_are_checked(
         tokenopt.AdaViT(heads=False, layers=False, tokens=False)
     with pytest.raises(ValueError, match="head_target must be a share"):
         tokenopt.AdaViT(head_target=0)
+    with pytest.raises(ValueError, match=r"token_threshold must be in \(0, 1\)"):
+        tokenopt.AdaViT(token_threshold=1.2)
+    assert tokenopt.AdaViT(threshold=0.7, head_threshold=0.5).cut("heads") == 0.0  # its own, not 0.7
     with pytest.warns(UserWarning, match=r"no trained weights for tokenopt_adavit.tokens0, tokenopt_adavit.gate1, .* and 3 more"):
         tokenopt.optimize(vit, policy="adavit", example_inputs=(x,))
 

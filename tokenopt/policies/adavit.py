@@ -84,6 +84,8 @@ class AdaViT(PolicyConfig):
             block whole).
         token_blocks: token gates after these blocks; default ``round(depth * s / 4) - 1``, s = 1, 2, 3.
         tau, threshold: Gumbel-sigmoid temperature (training) and the gate threshold (5.0 and 0.5).
+        head_threshold, layer_threshold, token_threshold: inference thresholds for one kind of gate
+            (None: ``threshold``); e.g. drop more tokens while keeping heads: ``token_threshold=0.75``.
         usage_weight, diverse_weight: weights of the usage losses and of their per-gate ("diverse")
             terms (AdaViT: 2.0 and 0.1).
         calibrate: after training, ``tokenopt train`` shifts each gate so that inference uses what training
@@ -106,6 +108,9 @@ class AdaViT(PolicyConfig):
     token_blocks: Optional[tuple[int, ...]] = None
     tau: float = 5.0
     threshold: float = 0.5
+    head_threshold: Optional[float] = None
+    layer_threshold: Optional[float] = None
+    token_threshold: Optional[float] = None
     usage_weight: float = 2.0
     diverse_weight: float = 0.1
     calibrate: bool = True
@@ -122,8 +127,13 @@ class AdaViT(PolicyConfig):
             raise ValueError("adavit: nothing to learn: heads, layers and tokens are all False")
         for field in ("head_target", "layer_target", "token_target"):
             object.__setattr__(self, field, _share(field, getattr(self, field)))
-        if not 0 < self.threshold < 1:
-            raise ValueError(f"adavit: threshold must be in (0, 1); got {self.threshold!r}")
+        for field in ("threshold", "head_threshold", "layer_threshold", "token_threshold"):
+            value = getattr(self, field)
+            if field != "threshold" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+                raise ValueError(f"adavit: {field} must be in (0, 1); got {value!r}. Example: {field}=0.6")
+            object.__setattr__(self, field, float(value))
         for field in ("tau", "usage_weight", "diverse_weight"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 \
@@ -152,14 +162,21 @@ class AdaViT(PolicyConfig):
         return gates + [(b, "post_block", self.decide_tokens) for b in self.token_stages(depth)]
 
     # -- decisions ---------------------------------------------------------------------------------
-    def _sample(self, ctx, logits):
+    def cut(self, kind: str) -> float:
+        """The logit above which a gate of ``kind`` ("heads", "layers", "tokens") is on at inference:
+        ``sigmoid(logit) > threshold``, with the kind's own threshold where one is set."""
+        own = {"heads": self.head_threshold, "layers": self.layer_threshold, "tokens": self.token_threshold}[kind]
+        t = self.threshold if own is None else own
+        return math.log(t / (1 - t))
+
+    def _sample(self, ctx, logits, kind: str, role: Optional[str] = None):
         """Training: hard Gumbel-sigmoid gates (float, straight-through). Inference: ``sigmoid > threshold``."""
         if ctx.training:
             e1 = ctx.call(aten.exponential.default, ctx.call(aten.empty_like.default, logits))
             e2 = ctx.call(aten.exponential.default, ctx.call(aten.empty_like.default, logits))
             noise = ctx.call(aten.sub.Tensor, ctx.call(aten.log.default, e2), ctx.call(aten.log.default, e1))
-            return ctx.call(tk.gumbel_gate.default, logits, noise, float(self.tau), float(self.threshold))
-        return ctx.call(aten.gt.Scalar, logits, math.log(self.threshold / (1 - self.threshold)))
+            return ctx.call(tk.gumbel_gate.default, logits, noise, float(self.tau), float(self.threshold), role=role)
+        return ctx.call(aten.gt.Scalar, logits, self.cut(kind), role=role)
 
     def decide(self, ctx):
         """The gates of one block, from its input's CLS token (mean token without one)."""
@@ -170,10 +187,16 @@ class AdaViT(PolicyConfig):
             summary = ctx.call(tk.weighted_mean.default, x, valid, None, 0, None)
         h = ctx.block.attention.num_heads if self.heads else 0
         net = ctx.module(f"gate{ctx.block.index}", lambda: GateNet(ctx.width, h + (2 if self.layers else 0)))
-        gates = self._sample(ctx, ctx.call_module(net, summary, role="gate.logits"))  # [B, H + 2]
-        heads = ctx.call(aten.slice.Tensor, gates, 1, 0, h, role="gate.heads") if h else None
-        attn = ctx.call(aten.select.int, gates, 1, h, role="gate.attn") if self.layers else None
-        mlp = ctx.call(aten.select.int, gates, 1, h + 1, role="gate.mlp") if self.layers else None
+        logits = ctx.call_module(net, summary, role="gate.logits")  # [B, H + 2]
+        if ctx.training:  # one Gumbel sample for every gate of the block
+            gates = self._sample(ctx, logits, "heads")
+            heads = ctx.call(aten.slice.Tensor, gates, 1, 0, h, role="gate.heads") if h else None
+            attn = ctx.call(aten.select.int, gates, 1, h, role="gate.attn") if self.layers else None
+            mlp = ctx.call(aten.select.int, gates, 1, h + 1, role="gate.mlp") if self.layers else None
+        else:  # each kind at its own threshold
+            heads = self._sample(ctx, ctx.call(aten.slice.Tensor, logits, 1, 0, h), "heads", role="gate.heads") if h else None
+            attn = self._sample(ctx, ctx.call(aten.select.int, logits, 1, h), "layers", role="gate.attn") if self.layers else None
+            mlp = self._sample(ctx, ctx.call(aten.select.int, logits, 1, h + 1), "layers", role="gate.mlp") if self.layers else None
         if ctx.training:
             if heads is not None:
                 ctx.aux("heads", heads)
@@ -192,7 +215,7 @@ class AdaViT(PolicyConfig):
         x, valid = ctx.dense_tokens()
         patches = ctx.call(aten.slice.Tensor, x, 1, p, None)
         logits = ctx.call(aten.squeeze.dim, ctx.call_module(net, patches, role="tokens.score"), -1)  # [B, Np]
-        gate = self._sample(ctx, logits)
+        gate = self._sample(ctx, logits, "tokens")
         if ctx.training:
             weights = ctx.token_weights()
             if weights is not None:  # once dropped, dropped
@@ -287,7 +310,7 @@ def calibrate_usage(gm: torch.nn.Module, images: torch.Tensor, batch: int = 256,
         if kind not in ("heads", "layers", "tokens"):
             raise ValueError(f"calibrate_usage: shares has {kind!r}; the kinds of gate are heads, layers and tokens")
         _share(f"shares[{kind!r}]", share)
-    cut = math.log(config.threshold / (1 - config.threshold))  # inference: on when logit > cut
+    train_cut = math.log(config.threshold / (1 - config.threshold))  # training: on when logit + noise > tau * train_cut
     report = []
     for k, node in enumerate(nodes):
         end = order[nodes[k + 1]] if k + 1 < len(nodes) else len(order)
@@ -303,9 +326,9 @@ def calibrate_usage(gm: torch.nn.Module, images: torch.Tensor, batch: int = 256,
         layers = 2 if config.layers and node.meta.get(META_ROLE) == "gate.logits" else 0
         for j in range(logits.shape[1]):
             kind = "tokens" if node.meta.get(META_ROLE) == "tokens.score" else "heads" if j < logits.shape[1] - layers else "layers"
-            col = logits[:, j] - cut  # on at inference: col > 0
+            col = logits[:, j] - config.cut(kind)  # on at inference: col > 0
             # training: P(sigmoid((l + noise) / tau) > threshold)
-            expected = torch.tensor(shares[kind]) if kind in shares else torch.sigmoid(logits[:, j] - config.tau * cut).mean()
+            expected = torch.tensor(shares[kind]) if kind in shares else torch.sigmoid(logits[:, j] - config.tau * train_cut).mean()
             if not col.numel():
                 shift = col.new_zeros(())
             elif expected >= 1:  # all on: strictly above the lowest
