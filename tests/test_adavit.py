@@ -282,9 +282,21 @@ def test_head_attention_and_gate_rows_ops():
     assert rows.tolist() == [5, 6, 7] and images.tolist() == [1, 2] and cu_sub.tolist() == [0, 0, 3]
     rows, images, _ = tk.gate_rows(torch.tensor([False, True, False]), None)
     assert rows.tolist() == [1] and images.tolist() == [1]
+    rows, images, cu_sub = tk.gate_rows(torch.ones(3, dtype=torch.bool), cu)  # every image: every row
+    assert rows.tolist() == list(range(8)) and images.tolist() == [0, 1, 2] and cu_sub.tolist() == cu.tolist()
+    # take_rows / add_rows: index_select / index_add, and the plain copy / sum when the rows are all of x
+    xs, br = torch.randn(1, 8, 5), torch.randn(1, 3, 5)
+    some = torch.tensor([1, 4, 6])
+    torch.testing.assert_close(tk.take_rows(xs, 1, some), xs.index_select(1, some))
+    torch.testing.assert_close(tk.add_rows(xs, 1, some, br), xs.index_add(1, some, br))
+    every, full = torch.arange(8), torch.randn(1, 8, 5)
+    taken = tk.take_rows(xs, 1, every)
+    assert torch.equal(taken, xs) and taken.data_ptr() != xs.data_ptr()  # a fresh tensor, as custom ops return
+    torch.testing.assert_close(tk.add_rows(xs, 1, every, full), xs.index_add(1, every, full))
     idx, valid = tk.keep_select(torch.tensor([[True, False, True], [False, False, False]]), 1)
     assert idx[valid].tolist() == [0, 1, 3, 0] and valid.tolist() == [[True, True, True, False], [True, False, False, False]]
     for op, args in ((tk.head_attention, (q, k, v, heads, 0.3, bias)), (tk.gate_rows, (heads[:, 0], cu)),
+                     (tk.take_rows, (xs, 1, some)), (tk.add_rows, (xs, 1, some, br)),
                      (tk.gumbel_gate, (torch.randn(3, 4, requires_grad=True), torch.randn(3, 4), 5.0, 0.5))):
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 

@@ -47,7 +47,7 @@ SYNCS = {"pack_index": 1, "halt_pack": 1, "gate_rows": 1, "head_attention": 1}
 #: ops on packed tokens (sizes that depend on values) and ATS's selection (which may read them): no ATen
 #: decomposition is registered for them, so fake-tensor propagation keeps using their fake implementations
 PACKED = {"halt_pack", "pack_index", "gather_rows", "unpack", "packed_cls_attention", "varlen_attention", "packed_select",
-          "packed_mean", "ats_select", "gate_rows", "head_attention"}
+          "packed_mean", "ats_select", "gate_rows", "take_rows", "add_rows", "head_attention"}
 
 
 def _fresh(out, inputs):
@@ -648,6 +648,32 @@ def _(run, cu):
     sub = 0 if cu is None else k + 1
     return (run.new_empty(rows, dtype=torch.long), run.new_empty(k, dtype=torch.long),
             run.new_empty(sub, dtype=torch.long))
+
+
+@_op("take_rows", ref.take_rows)
+def take_rows(x: Tensor, dim: int, rows: Tensor) -> Tensor:
+    """The rows a gate runs (``gate_rows``'s) = ``reference.take_rows``: an ``index_select``, or a copy of ``x``
+    when they are all of it."""
+    return ref.take_rows(x, dim, rows)
+
+
+@take_rows.register_fake
+def _(x, dim, rows):
+    shape = list(x.shape)
+    shape[dim] = rows.shape[0]
+    return x.new_empty(shape)
+
+
+@_op("add_rows", ref.add_rows)
+def add_rows(x: Tensor, dim: int, rows: Tensor, branch: Tensor) -> Tensor:
+    """A gated branch's output added back at its rows = ``reference.add_rows``: an ``index_add``, or ``x + branch``
+    when the rows are all of ``x``."""
+    return ref.add_rows(x, dim, rows, branch)
+
+
+@add_rows.register_fake
+def _(x, dim, rows, branch):
+    return torch.empty_like(x)
 
 
 @_op("head_attention", ref.head_attention)

@@ -1038,6 +1038,8 @@ def gate_rows(run: torch.Tensor, cu: Optional[torch.Tensor]) -> tuple[torch.Tens
     images = run.nonzero().squeeze(1)
     if cu is None:
         return images, images.clone(), images.new_empty(0)
+    if images.numel() == run.shape[0]:  # every image: every row
+        return torch.arange(int(cu[-1] - cu[0]), device=cu.device) + cu[0], images, cu - cu[0]
     lengths = (cu[1:] - cu[:-1])[images]
     cu_sub = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
     total = int(cu_sub[-1]) if images.numel() else 0
@@ -1045,6 +1047,18 @@ def gate_rows(run: torch.Tensor, cu: Optional[torch.Tensor]) -> tuple[torch.Tens
     seg = torch.searchsorted(cu_sub, t, right=True) - 1
     rows = cu[:-1][images][seg] + (t - cu_sub[seg])
     return rows, images, cu_sub
+
+
+def take_rows(x: torch.Tensor, dim: int, rows: torch.Tensor) -> torch.Tensor:
+    """``x.index_select(dim, rows)`` for rows as :func:`gate_rows` gives them (distinct, ascending): when they
+    are every row of ``x``, ``x`` itself (a gated sub-layer every image runs gathers nothing)."""
+    return x if rows.numel() == x.shape[dim] else x.index_select(dim, rows)
+
+
+def add_rows(x: torch.Tensor, dim: int, rows: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    """``x.index_add(dim, rows, branch)`` for rows as :func:`gate_rows` gives them (distinct, ascending): when
+    they are every row of ``x``, ``x + branch`` (one pass instead of a copy and a scatter)."""
+    return x + branch if rows.numel() == x.shape[dim] else x.index_add(dim, rows, branch)
 
 
 def head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: torch.Tensor, scale: float,

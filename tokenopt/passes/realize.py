@@ -666,7 +666,8 @@ class RealizeTokens:
 
     def _run_images(self, gm, blk: BlockInfo, state: TokenState, run: fx.Node, add: fx.Node, branch: fx.Node, policy):
         """Run the residual branch ``add = x + branch`` on the images whose gate ``run`` is on: its input is
-        gathered (``gate_rows``: images, or their packed rows) and its output added back by index."""
+        gathered (``gate_rows``: images, or their packed rows; ``take_rows``) and its output added back by index
+        (``add_rows``); when every image runs it, neither gathers nor scatters."""
         x = _skip_of(add, branch)
         inside = set(blk.nodes)
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
@@ -676,11 +677,11 @@ class RealizeTokens:
         rows, images, cu = ins.items(ins(tk.gate_rows.default, run, state.cu if state.packed else None, role="gate.rows"),
                                      3, roles=("gate.rows", "gate.images", None))
         dim = 1 if state.packed else 0
-        x_sel = ins(aten.index_select.default, x, dim, rows)
+        x_sel = ins(tk.take_rows.default, x, dim, rows)
         for u in readers:
             u.replace_input_with(x, x_sel)
         ins.anchor = add
-        new_add = ins(aten.index_add.default, x, dim, rows, branch)
+        new_add = ins(tk.add_rows.default, x, dim, rows, branch)
         new_add.meta["val"] = add.meta.get("val")
         add.replace_all_uses_with(new_add)
         gm.graph.erase_node(add)
