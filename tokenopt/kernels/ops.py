@@ -65,6 +65,13 @@ def _fresh(out, inputs):
     return tuple(fix(t) for t in out) if isinstance(out, tuple) else fix(out)
 
 
+def _resized(x: Tensor, dim: int, size) -> Tensor:
+    """A fake output like ``x`` with ``size`` along ``dim``."""
+    shape = list(x.shape)
+    shape[dim] = size
+    return x.new_empty(shape)
+
+
 def _op(name: str, reference: Callable, grads: tuple[int, ...] = ()):
     """Register ``fn`` (whose body calls ``reference``) as ``tokenopt::name``; ``grads``: the positions of
     the tensor arguments it is differentiable in."""
@@ -208,9 +215,7 @@ def gather_tokens(x: Tensor, idx: Tensor, dim: int) -> Tensor:
 
 @gather_tokens.register_fake
 def _(x, idx, dim):
-    shape = list(x.shape)
-    shape[dim] = idx.shape[1]
-    return x.new_empty(shape)
+    return _resized(x, dim, idx.shape[1])
 
 
 @_op("pad_indices", ref.pad_indices)
@@ -659,9 +664,7 @@ def take_rows(x: Tensor, dim: int, rows: Tensor) -> Tensor:
 
 @take_rows.register_fake
 def _(x, dim, rows):
-    shape = list(x.shape)
-    shape[dim] = rows.shape[0]
-    return x.new_empty(shape)
+    return _resized(x, dim, rows.shape[0])
 
 
 @_op("add_rows", ref.add_rows)

@@ -63,6 +63,11 @@ class GateNet(nn.Module):
         return self.fc(self.norm(x))
 
 
+def _logit(p: float) -> float:
+    """``log(p / (1 - p))``: the logit at which ``sigmoid`` crosses ``p``."""
+    return math.log(p / (1 - p))
+
+
 def _share(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
         raise ValueError(f"adavit: {name} must be a share in (0, 1]; got {value!r}. Example: {name}=0.7")
@@ -166,17 +171,18 @@ class AdaViT(PolicyConfig):
         """The logit above which a gate of ``kind`` ("heads", "layers", "tokens") is on at inference:
         ``sigmoid(logit) > threshold``, with the kind's own threshold where one is set."""
         own = {"heads": self.head_threshold, "layers": self.layer_threshold, "tokens": self.token_threshold}[kind]
-        t = self.threshold if own is None else own
-        return math.log(t / (1 - t))
+        return _logit(self.threshold if own is None else own)
 
-    def _sample(self, ctx, logits, kind: str, role: Optional[str] = None):
-        """Training: hard Gumbel-sigmoid gates (float, straight-through). Inference: ``sigmoid > threshold``."""
-        if ctx.training:
-            e1 = ctx.call(aten.exponential.default, ctx.call(aten.empty_like.default, logits))
-            e2 = ctx.call(aten.exponential.default, ctx.call(aten.empty_like.default, logits))
-            noise = ctx.call(aten.sub.Tensor, ctx.call(aten.log.default, e2), ctx.call(aten.log.default, e1))
-            return ctx.call(tk.gumbel_gate.default, logits, noise, float(self.tau), float(self.threshold), role=role)
-        return ctx.call(aten.gt.Scalar, logits, self.cut(kind), role=role)
+    def _gumbel(self, ctx, logits):
+        """Training: hard Gumbel-sigmoid gates (float, straight-through) at ``threshold``."""
+        e1 = ctx.call(aten.exponential.default, ctx.call(aten.empty_like.default, logits))
+        e2 = ctx.call(aten.exponential.default, ctx.call(aten.empty_like.default, logits))
+        noise = ctx.call(aten.sub.Tensor, ctx.call(aten.log.default, e2), ctx.call(aten.log.default, e1))
+        return ctx.call(tk.gumbel_gate.default, logits, noise, float(self.tau), float(self.threshold))
+
+    def _sample(self, ctx, logits, kind: str):
+        """Training: :meth:`_gumbel`. Inference: ``sigmoid > threshold`` (the kind's own, :meth:`cut`)."""
+        return self._gumbel(ctx, logits) if ctx.training else ctx.call(aten.gt.Scalar, logits, self.cut(kind))
 
     def decide(self, ctx):
         """The gates of one block, from its input's CLS token (mean token without one)."""
@@ -188,20 +194,23 @@ class AdaViT(PolicyConfig):
         h = ctx.block.attention.num_heads if self.heads else 0
         net = ctx.module(f"gate{ctx.block.index}", lambda: GateNet(ctx.width, h + (2 if self.layers else 0)))
         logits = ctx.call_module(net, summary, role="gate.logits")  # [B, H + 2]
-        if ctx.training:  # one Gumbel sample for every gate of the block
-            gates = self._sample(ctx, logits, "heads")
-            heads = ctx.call(aten.slice.Tensor, gates, 1, 0, h, role="gate.heads") if h else None
-            attn = ctx.call(aten.select.int, gates, 1, h, role="gate.attn") if self.layers else None
-            mlp = ctx.call(aten.select.int, gates, 1, h + 1, role="gate.mlp") if self.layers else None
-        else:  # each kind at its own threshold
-            heads = self._sample(ctx, ctx.call(aten.slice.Tensor, logits, 1, 0, h), "heads", role="gate.heads") if h else None
-            attn = self._sample(ctx, ctx.call(aten.select.int, logits, 1, h), "layers", role="gate.attn") if self.layers else None
-            mlp = self._sample(ctx, ctx.call(aten.select.int, logits, 1, h + 1), "layers", role="gate.mlp") if self.layers else None
+        # training: one Gumbel sample for every gate of the block, then its parts; inference: each part's
+        # logits against its kind's own threshold
+        src = self._gumbel(ctx, logits) if ctx.training else logits
+
+        def part(op, args, kind, role):
+            if ctx.training:
+                return ctx.call(op, src, *args, role=role)
+            return ctx.call(aten.gt.Scalar, ctx.call(op, src, *args), self.cut(kind), role=role)
+
+        heads = part(aten.slice.Tensor, (1, 0, h), "heads", "gate.heads") if h else None
+        attn = part(aten.select.int, (1, h), "layers", "gate.attn") if self.layers else None
+        mlp = part(aten.select.int, (1, h + 1), "layers", "gate.mlp") if self.layers else None
         if ctx.training:
             if heads is not None:
                 ctx.aux("heads", heads)
             if self.layers:
-                ctx.aux("layers", ctx.call(aten.slice.Tensor, gates, 1, h, h + 2))
+                ctx.aux("layers", ctx.call(aten.slice.Tensor, src, 1, h, h + 2))
         return Gate(heads=heads, attn=attn, mlp=mlp)
 
     def decide_tokens(self, ctx):
@@ -310,7 +319,7 @@ def calibrate_usage(gm: torch.nn.Module, images: torch.Tensor, batch: int = 256,
         if kind not in ("heads", "layers", "tokens"):
             raise ValueError(f"calibrate_usage: shares has {kind!r}; the kinds of gate are heads, layers and tokens")
         _share(f"shares[{kind!r}]", share)
-    train_cut = math.log(config.threshold / (1 - config.threshold))  # training: on when logit + noise > tau * train_cut
+    train_cut = _logit(config.threshold)  # training: on when logit + noise > tau * train_cut
     report = []
     for k, node in enumerate(nodes):
         end = order[nodes[k + 1]] if k + 1 < len(nodes) else len(order)
