@@ -59,7 +59,7 @@ def adavit_train_reference(model, nets, img, cfg):
         branch = blk.ls2(blk.mlp(blk.norm2(x)))
         x = x + (branch if mlp_on is None else mlp_on[:, None, None] * branch)
         if i in STAGES:
-            keep = _gumbel_sigmoid(_net(nets["tokens0"], x[:, 1:]).squeeze(-1), cfg.tau, cfg.threshold)
+            keep = _gumbel_sigmoid(_net(nets[f"tokens{STAGES.index(i)}"], x[:, 1:]).squeeze(-1), cfg.tau, cfg.threshold)
             if policy is not None:
                 keep = keep * policy[:, 1:]
             aux["tokens"].append(keep)
@@ -76,6 +76,7 @@ def adavit_inference_reference(model, nets, img, cfg):
         return math.log(t / (1 - t))
 
     cut_h, cut_l, cut_t = cut(cfg.head_threshold), cut(cfg.layer_threshold), cut(cfg.token_threshold)
+    stages = cfg.token_stages(len(model.blocks))
     logits, usage = [], []
     for n in range(img.shape[0]):
         x = _embed(model, img[n:n + 1])
@@ -96,8 +97,8 @@ def adavit_inference_reference(model, nets, img, cfg):
             if mlp_on:
                 x = x + blk.ls2(blk.mlp(blk.norm2(x)))
             rows.append((t, len(heads) if attn_on else 0, mlp_on))
-            if i in STAGES:
-                keep = (_net(nets["tokens0"], x[:, 1:]).squeeze(-1) > cut_t)[0]
+            if i in stages:
+                keep = (_net(nets[f"tokens{stages.index(i)}"], x[:, 1:]).squeeze(-1) > cut_t)[0]
                 x = torch.cat([x[:, :1], x[:, 1:][:, keep]], 1)
         logits.append(model.forward_head(model.norm(x)))
         usage.append(rows)
@@ -152,11 +153,11 @@ def test_adavit_training_graph_equals_the_equations_forward_and_gradients(vit):
         torch.testing.assert_close(nets[key].fc.weight.grad, ref_nets[key].fc.weight.grad, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("mode,thresholds", [("packed", {}), ("padded", {}), ("masked", {}),
-                                             ("packed", {"head_threshold": 0.3, "layer_threshold": 0.4,
-                                                         "token_threshold": 0.6})])
-def test_adavit_inference_graph_equals_each_image_run_alone_and_skips_the_work(vit, mode, thresholds):
-    cfg = tokenopt.AdaViT(blocks=GATED, token_blocks=STAGES, **thresholds)
+@pytest.mark.parametrize("mode,options", [("packed", {}), ("padded", {}), ("masked", {}),
+                                          ("packed", {"head_threshold": 0.3, "layer_threshold": 0.4, "token_threshold": 0.6}),
+                                          ("packed", {"token_blocks": (1, 2)})])  # a token stage on packed tokens
+def test_adavit_inference_graph_equals_each_image_run_alone_and_skips_the_work(vit, mode, options):
+    cfg = tokenopt.AdaViT(**{"blocks": GATED, "token_blocks": STAGES, **options})
     x = torch.randn(6, 3, 64, 64)
     tm = tokenopt.prepare_training(copy.deepcopy(vit), policy=cfg, example_inputs=(x,))
     state = _varied(tm.policy_state_dict(), seed=1)
@@ -165,12 +166,13 @@ def test_adavit_inference_graph_equals_each_image_run_alone_and_skips_the_work(v
     with torch.no_grad():
         want, usage = adavit_inference_reference(vit, nets, x, cfg)
         torch.testing.assert_close(gm(x), want, atol=1e-5, rtol=1e-5)
-        if thresholds:  # the kinds' own thresholds change what runs
+        if "token_threshold" in options:  # the kinds' own thresholds change what runs
             assert usage != adavit_inference_reference(vit, nets, x, tokenopt.AdaViT(blocks=GATED, token_blocks=STAGES))[1]
     heads_run = [u[1] for rows in usage for u in rows[1:]]
     assert 0 in heads_run and 0 < sum(heads_run) < 3 * len(heads_run)  # skipped heads and attention sub-layers
     assert not all(u[2] for rows in usage for u in rows)  # a skipped MLP
-    assert len({rows[2][0] for rows in usage}) > 1  # per-image token counts
+    stages = cfg.token_stages(len(vit.blocks))
+    assert all(len({rows[b + 1][0] for rows in usage}) > 1 for b in stages)  # per-image token counts after each stage
     if mode == "masked":  # nothing is removed: the eval graph of training equals it
         tm2 = tokenopt.prepare_training(copy.deepcopy(vit), policy=cfg, example_inputs=(x,), policy_state=state).eval()
         with torch.no_grad():
@@ -189,7 +191,9 @@ def test_adavit_inference_graph_equals_each_image_run_alone_and_skips_the_work(v
         for rows in usage:
             for t, heads, mlp in rows:
                 total += (2 * t * 4 * c * c + 4 * t * t * (c // h) * heads if heads else 0) + (2 * t * 2 * c * hidden if mlp else 0)
-        total += 6 * len(GATED) * 2 * c * (h + 2) + 6 * 64 * 2 * c  # the gate networks (and token gates on 64 patches)
+        total += 6 * len(GATED) * 2 * c * (h + 2)  # the gate networks
+        # token gates: the first stage scores the 64 patches of each image; a later one every packed row it has
+        total += sum(2 * c * (64 if s == stages[0] else rows[s][0]) for rows in usage for s in stages)
         patch = vit.patch_embed.proj
         total += 6 * 2 * 64 * c * patch.in_channels * math.prod(patch.kernel_size) + 6 * 2 * c * 5
         assert count_flops(gm, x) == total
@@ -238,7 +242,7 @@ def test_cpu_attention_runs_equal_the_padded_references():
     (image, head) pairs that are on): every grouping equals the padded, image-independent references."""
     ref = tokenopt.kernels.reference
     torch.manual_seed(0)
-    lengths = [4, 4, 4, 6, 2, 2, 0, 0, 5, 3, 3]  # runs of 3, 1, 2, 2 (empty), 1, 2
+    lengths = [4, 4, 4, 6, 2, 2, 0, 0, 5, 3, 3, 7, 7]  # runs of 3, 1, 2, 2 (empty), 1, 2, 2
     cu = torch.tensor([0] + lengths).cumsum(0)
     h, d, t = 3, 8, sum(lengths)
     qkv = torch.randn(1, t, 3, h, d).permute(2, 0, 3, 1, 4)  # strided like a model's q, k, v
@@ -251,6 +255,7 @@ def test_cpu_attention_runs_equal_the_padded_references():
     heads[0] = heads[1] = heads[2] = True  # a run with every head on
     heads[4] = False  # a run with one image off entirely
     heads[9], heads[10] = torch.tensor([True, False, True]), torch.tensor([False, True, True])
+    heads[11] = heads[12] = torch.tensor([True, False, True])  # a run sharing one pattern with a gap: views
     for gates in (heads, torch.ones_like(heads), torch.zeros_like(heads)):
         got = ref.head_attention_segments(q, k, v, gates, 0.4, cu)
         torch.testing.assert_close(got, ref.head_attention(q, k, v, gates, 0.4, None, cu, cap))

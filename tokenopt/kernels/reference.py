@@ -1086,49 +1086,54 @@ def head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: tor
     return out.view(b, h, n, v.shape[-1])
 
 
+def _on_runs(on: list[bool]) -> list[tuple[int, int]]:
+    """Maximal runs of consecutive ``True`` in ``on``: ``(first, end)`` pairs (heads ``first .. end - 1``)."""
+    runs, start = [], None
+    for i, flag in enumerate(on + [False]):
+        if flag and start is None:
+            start = i
+        elif not flag and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
+
+
 def head_attention_segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: torch.Tensor, scale: float,
                             cu: torch.Tensor) -> torch.Tensor:
-    """:func:`head_attention` on packed tokens for CPU tensors, on exactly each image's tokens and heads.
-    Consecutive images of one length are one batched SDPA: over every head when all are on (as in
-    :func:`varlen_attention_segments`), else over their (image, head) pairs that are on (gathered, like
-    :func:`head_attention`); an image alone runs its heads that are on. At batch 64, 197 tokens, 3 heads of 64,
-    here: 14.4 ms with every head on (14.0 ms for plain SDPA), 10.9 ms with two thirds on, 5.5 ms with one
-    third. ``tensor_split`` reads the CPU offsets and head counts directly; the one host read is ``nonzero``."""
-    h = heads.shape[1]
-    pairs = heads.nonzero()  # [P, 2]: (image, head), image by image
-    counts = heads.sum(dim=1)
-    per_image = torch.tensor_split(pairs[:, 1], counts.cumsum(0)[:-1])
-    qs, ks, vs = (torch.tensor_split(t, cu[1:-1], dim=2) for t in (q, k, v))
-    lengths, on = [qi.shape[2] for qi in qs], [sel.numel() for sel in per_image]
-    outs, first_pair = [], 0
+    """:func:`head_attention` on packed tokens for CPU tensors, on exactly each image's tokens and heads,
+    written into one output buffer (no gathered inputs where views do, no final concatenation).
+
+    Consecutive images of one length and one head pattern are one SDPA per run of consecutive heads that are
+    on, over views of the buffers (every image before the first token reduction; a lone image); a run of
+    equal lengths with mixed head patterns gathers its (image, head) pairs that are on into one batch (as
+    :func:`head_attention`). Heads that are off are zero-filled, never computed. The offsets and gates are
+    CPU tensors: reading them (``tolist``) synchronises nothing."""
+    h, dv = heads.shape[1], v.shape[-1]
+    out = q.new_empty(q.shape[:-1] + (dv,))
+    on, bounds = heads.tolist(), cu.tolist()
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
     for first, count, row in _equal_runs(lengths):
-        n, ran = lengths[first], sum(on[first:first + count])
-        if n and ran == count * h:  # every head of every image
-            outs.append(_sdpa_run(q, k, v, row, count, n, scale))
-        elif n and ran and count > 1:  # the pairs that are on, one batch ([H * count] head-major: views only)
-            img, head = pairs[first_pair:first_pair + ran].unbind(1)
-            sel = head * count + (img - first)
-            o = torch.nn.functional.scaled_dot_product_attention(
-                *(_run_view(t, row, count, n).flatten(0, 1).index_select(0, sel)[:, None] for t in (q, k, v)),
-                scale=scale)[:, 0]
-            o = o.new_zeros(h * count, n, o.shape[-1]).index_copy_(0, sel, o)
-            outs.append(o.view(1, h, count * n, o.shape[-1]))
-        else:  # one image, or no head on: image by image
-            for i in range(first, first + count):
-                if n and on[i] == h:  # every head: on the views, nothing gathered or scattered
-                    outs.append(torch.nn.functional.scaled_dot_product_attention(qs[i], ks[i], vs[i], scale=scale))
-                    continue
-                oi = q.new_zeros(qs[i].shape[:-1] + (v.shape[-1],))
-                if n and on[i]:
-                    sel = per_image[i]
-                    o = torch.nn.functional.scaled_dot_product_attention(
-                        qs[i].index_select(1, sel), ks[i].index_select(1, sel), vs[i].index_select(1, sel), scale=scale)
-                    oi = oi.index_copy(1, sel, o)
-                outs.append(oi)
-        first_pair += ran
-    if not outs:
-        return q.new_empty(q.shape[:-1] + (v.shape[-1],))
-    return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+        n = lengths[first]
+        if not n:
+            continue
+        dst = _run_view(out, row, count, n)  # [H, count, n, Dv], a view of the output
+        if any(on[i] != on[first] for i in range(first + 1, first + count)):  # mixed head patterns: gather
+            sel = [hh * count + i for hh in range(h) for i in range(count) if on[first + i][hh]]
+            gathered = q.new_zeros(h * count, n, dv)
+            if sel:
+                sel_t = torch.tensor(sel, device=q.device)
+                o = torch.nn.functional.scaled_dot_product_attention(
+                    *(_run_view(t, row, count, n).flatten(0, 1).index_select(0, sel_t)[:, None] for t in (q, k, v)),
+                    scale=scale)
+                gathered.index_copy_(0, sel_t, o[:, 0])
+            dst.copy_(gathered.view(h, count, n, dv))
+            continue
+        for a, b in _on_runs(on[first]):
+            dst[a:b] = torch.nn.functional.scaled_dot_product_attention(
+                *(_run_view(t, row, count, n)[a:b] for t in (q, k, v)), scale=scale)
+        for a, b in _on_runs([not x for x in on[first]]):
+            dst[a:b].zero_()
+    return out
 
 
 # --- PiToMe: energy-guided merging ------------------------------------------------------------------

@@ -249,14 +249,17 @@ class DecisionContext:
                                "is only available after attention on dense (unpacked) tokens")
         return self._x
 
-    def dense_tokens(self) -> tuple[fx.Node, Optional[fx.Node]]:
+    def dense_tokens(self, rows: Optional[fx.Node] = None) -> tuple[fx.Node, Optional[fx.Node]]:
         """The residual stream at this site laid out per image, ``([B, L, C], valid [B, L] or None)``:
-        packed tokens are unpacked to this batch's longest image (padding marked invalid)."""
+        packed tokens are unpacked to this batch's longest image (padding marked invalid). ``rows``: a
+        per-token tensor in the stream's layout instead (``[B, L, K]``, or ``[1, T, K]`` packed), e.g. a
+        score computed on the packed rows, so that only its ``K`` channels are unpacked."""
         s = self._state
+        rows = self.x if rows is None else rows
         if s.packed:
-            x, valid = self.call.items(self.call(tk.unpack.default, self.x, s.cu, s.cap), 2)
+            x, valid = self.call.items(self.call(tk.unpack.default, rows, s.cu, s.cap), 2)
             return x, valid
-        return self.x, s.valid
+        return rows, s.valid
 
     def prefix_token(self, index: int = 0) -> fx.Node:
         """Prefix token ``index`` (the CLS token for 0) of every image at this site, ``[B, C]``, in any layout."""

@@ -221,9 +221,13 @@ class AdaViT(PolicyConfig):
         stage = self.token_stages(ctx.depth).index(ctx.block.index)
         p = ctx.num_prefix
         net = ctx.module(f"tokens{stage}", lambda: GateNet(ctx.width, 1))
-        x, valid = ctx.dense_tokens()
-        patches = ctx.call(aten.slice.Tensor, x, 1, p, None)
-        logits = ctx.call(aten.squeeze.dim, ctx.call_module(net, patches, role="tokens.score"), -1)  # [B, Np]
+        if ctx.packed:  # the network is per token: score the packed rows (no padding), then lay the scores out
+            scores, valid = ctx.dense_tokens(ctx.call_module(net, ctx.x, role="tokens.score"))  # [B, L, 1]
+            scores = ctx.call(aten.slice.Tensor, scores, 1, p, None)
+        else:
+            x, valid = ctx.dense_tokens()
+            scores = ctx.call_module(net, ctx.call(aten.slice.Tensor, x, 1, p, None), role="tokens.score")
+        logits = ctx.call(aten.squeeze.dim, scores, -1)  # [B, Np]
         gate = self._sample(ctx, logits, "tokens")
         if ctx.training:
             weights = ctx.token_weights()
