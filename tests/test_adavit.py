@@ -261,6 +261,14 @@ def test_cpu_attention_runs_equal_the_padded_references():
         torch.testing.assert_close(got, ref.head_attention(q, k, v, gates, 0.4, None, cu, cap))
         per_image = torch.repeat_interleave(gates, torch.tensor(lengths), dim=0).T[None, :, :, None]
         torch.testing.assert_close(got, torch.where(per_image, want, 0))
+    # dense tokens with a key bias: runs of images sharing a head pattern, against every head computed and masked
+    qd, kd, vd = torch.randn(3, len(lengths), 6, h, d).permute(0, 1, 3, 2, 4).unbind(0)  # strided [B, H, N, D]
+    bias = torch.zeros(len(lengths), 1, 1, 6).masked_fill(torch.rand(len(lengths), 1, 1, 6) < 0.3, float("-inf"))
+    bias[..., 0] = 0
+    full = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=bias, scale=0.4)
+    got = ref.head_attention_segments(qd, kd, vd, heads, 0.4, None, bias)
+    torch.testing.assert_close(got, torch.where(heads[:, :, None, None], full, 0))
+    torch.testing.assert_close(got, ref.head_attention(qd, kd, vd, heads, 0.4, bias))
 
 
 def test_head_attention_and_gate_rows_ops():

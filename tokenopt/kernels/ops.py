@@ -683,9 +683,9 @@ def _(x, dim, rows, branch):
 def head_attention(q: Tensor, k: Tensor, v: Tensor, heads: Tensor, scale: float, key_bias: Optional[Tensor] = None,
                    cu: Optional[Tensor] = None, capacity: int = 0) -> Tensor:
     """Attention of the gated-on (image, head) pairs only = ``reference.head_attention`` (one host read; on a
-    CPU, packed tokens are computed as ``reference.head_attention_segments``: the same values, image by image)."""
-    if cu is not None and q.device.type == "cpu" and cu.device.type == "cpu":
-        return ref.head_attention_segments(q, k, v, heads, scale, cu)
+    CPU computed as ``reference.head_attention_segments``: the same values, in runs of images over views)."""
+    if q.device.type == "cpu" and heads.device.type == "cpu" and (cu is None or cu.device.type == "cpu"):
+        return ref.head_attention_segments(q, k, v, heads, scale, cu, key_bias)
     return ref.head_attention(q, k, v, heads, scale, key_bias, cu, capacity)
 
 

@@ -1099,40 +1099,47 @@ def _on_runs(on: list[bool]) -> list[tuple[int, int]]:
 
 
 def head_attention_segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: torch.Tensor, scale: float,
-                            cu: torch.Tensor) -> torch.Tensor:
-    """:func:`head_attention` on packed tokens for CPU tensors, on exactly each image's tokens and heads,
-    written into one output buffer (no gathered inputs where views do, no final concatenation).
+                            cu: Optional[torch.Tensor] = None, key_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:func:`head_attention` for CPU tensors, on exactly each image's tokens and the heads that are on,
+    over views of the buffers (nothing gathered) and into one output buffer: dense ``[B, H, N, D]`` (with an
+    optional ``key_bias [B, 1, 1, N]``) or packed ``[1, H, T, D]`` with offsets ``cu``.
 
-    Consecutive images of one length and one head pattern are one SDPA per run of consecutive heads that are
-    on, over views of the buffers (every image before the first token reduction; a lone image); a run of
-    equal lengths with mixed head patterns gathers its (image, head) pairs that are on into one batch (as
-    :func:`head_attention`). Heads that are off are zero-filled, never computed. The offsets and gates are
-    CPU tensors: reading them (``tolist``) synchronises nothing."""
+    Consecutive images of one length and one head pattern are one run: one SDPA per stretch of consecutive
+    heads that are on (a lone image, every image with all heads on before the first token reduction, ...);
+    heads that are off are zero-filled, never computed. Gathering the (image, head) pairs that are on into one
+    batch, as :func:`head_attention` does for CUDA, copies q, k and v: on this CPU at batch 64, 197 tokens,
+    3 heads of 64, 92% of the heads on, 22.8 ms in runs against 27.5 ms gathered (plain SDPA over every
+    head: 20-24 ms). The offsets and gates are CPU tensors: reading them (``tolist``) synchronises nothing."""
     h, dv = heads.shape[1], v.shape[-1]
     out = q.new_empty(q.shape[:-1] + (dv,))
-    on, bounds = heads.tolist(), cu.tolist()
-    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
-    for first, count, row in _equal_runs(lengths):
-        n = lengths[first]
-        if not n:
-            continue
-        dst = _run_view(out, row, count, n)  # [H, count, n, Dv], a view of the output
-        if any(on[i] != on[first] for i in range(first + 1, first + count)):  # mixed head patterns: gather
-            sel = [hh * count + i for hh in range(h) for i in range(count) if on[first + i][hh]]
-            gathered = q.new_zeros(h * count, n, dv)
-            if sel:
-                sel_t = torch.tensor(sel, device=q.device)
-                o = torch.nn.functional.scaled_dot_product_attention(
-                    *(_run_view(t, row, count, n).flatten(0, 1).index_select(0, sel_t)[:, None] for t in (q, k, v)),
-                    scale=scale)
-                gathered.index_copy_(0, sel_t, o[:, 0])
-            dst.copy_(gathered.view(h, count, n, dv))
-            continue
-        for a, b in _on_runs(on[first]):
-            dst[a:b] = torch.nn.functional.scaled_dot_product_attention(
-                *(_run_view(t, row, count, n)[a:b] for t in (q, k, v)), scale=scale)
-        for a, b in _on_runs([not x for x in on[first]]):
-            dst[a:b].zero_()
+    on = heads.tolist()
+    if cu is None:  # dense: images first(..+count) as [H, count, N, D]
+        lengths = [q.shape[2]] * q.shape[0]
+
+        def view(t, first, row, count, n):
+            return t[first:first + count].transpose(0, 1)
+    else:
+        bounds = cu.tolist()
+        lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+
+        def view(t, first, row, count, n):
+            return _run_view(t, row, count, n)
+    first = row = 0
+    while first < len(lengths):
+        end = first + 1
+        while end < len(lengths) and lengths[end] == lengths[first] and on[end] == on[first]:
+            end += 1
+        n, count = lengths[first], end - first
+        if n:
+            dst = view(out, first, row, count, n)  # [H, count, n, Dv], a view of the output
+            mask = key_bias[first:end].transpose(0, 1) if key_bias is not None else None  # [1, count, 1, N]
+            for a, b in _on_runs(on[first]):
+                dst[a:b] = torch.nn.functional.scaled_dot_product_attention(
+                    *(view(t, first, row, count, n)[a:b] for t in (q, k, v)), attn_mask=mask, scale=scale)
+            for a, b in _on_runs([not x for x in on[first]]):
+                dst[a:b].zero_()
+        row += count * n
+        first = end
     return out
 
 
