@@ -227,7 +227,7 @@ class AdaViT(PolicyConfig):
         else:
             x, valid = ctx.dense_tokens()
             scores = ctx.call_module(net, ctx.call(aten.slice.Tensor, x, 1, p, None), role="tokens.score")
-        logits = ctx.call(aten.squeeze.dim, scores, -1)  # [B, Np]
+        logits = ctx.call(aten.squeeze.dim, scores, -1, role="tokens.logits")  # [B, Np], as alive
         gate = self._sample(ctx, logits, "tokens")
         if ctx.training:
             weights = ctx.token_weights()
@@ -315,6 +315,7 @@ def calibrate_usage(gm: torch.nn.Module, images: torch.Tensor, batch: int = 256,
         raise ValueError("calibrate_usage: this graph has no AdaViT decision networks; build it with policy='adavit'")
     order = {n: i for i, n in enumerate(graph.graph.nodes)}
     alive_nodes = [n for n in graph.graph.nodes if n.meta.get(META_ROLE) == "tokens.alive"]
+    token_logits = [n for n in graph.graph.nodes if n.meta.get(META_ROLE) == "tokens.logits"]
     config = graph.meta.get("tokenopt.policy")
     if not isinstance(config, AdaViT):
         raise ValueError(f"calibrate_usage: the graph's policy is {config!r}, not AdaViT")
@@ -328,11 +329,14 @@ def calibrate_usage(gm: torch.nn.Module, images: torch.Tensor, batch: int = 256,
     for k, node in enumerate(nodes):
         end = order[nodes[k + 1]] if k + 1 < len(nodes) else len(order)
         alive = next((a for a in alive_nodes if order[node] < order[a] < end), None)
+        # a token gate's logits as laid out per image ([B, Np], like alive; packed rows are scored unpadded)
+        src = node if node.meta.get(META_ROLE) != "tokens.score" else \
+            next(a for a in token_logits if order[node] < order[a] < end)
         logits, live = [], []
         for chunk in images.split(batch):
-            env = record(graph, {node, alive} - {None}, chunk)
-            out = env[node]
-            logits.append(out.reshape(-1, out.shape[-1]).float())
+            env = record(graph, {src, alive} - {None}, chunk)
+            out = env[src]
+            logits.append(out.reshape(-1, 1 if src is not node else out.shape[-1]).float())
             live.append(env[alive].reshape(-1) if alive is not None else torch.ones(logits[-1].shape[0], dtype=torch.bool))
         logits = torch.cat(logits)[torch.cat(live)]
         net = graph.get_submodule(node.target)
