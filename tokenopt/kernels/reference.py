@@ -631,12 +631,13 @@ def varlen_attention_padded(
     return repack(o, cu_q, t)
 
 
-def _equal_runs(lengths: list[int]) -> list[tuple[int, int, int]]:
-    """Consecutive images of one length: ``(first image, image count, first row)`` per run. ``lengths``
-    are Python ints (the shapes of a CPU ``tensor_split``), so grouping reads nothing back."""
+def _equal_runs(lengths: list[int], keys: Optional[list] = None) -> list[tuple[int, int, int]]:
+    """Consecutive images of one length (and one of ``keys``, when given: e.g. each image's head pattern):
+    ``(first image, image count, first row)`` per run. ``lengths`` are Python ints (the shapes of a CPU
+    ``tensor_split``), so grouping reads nothing back."""
     runs, row = [], 0
     for i, n in enumerate(lengths):
-        if runs and lengths[runs[-1][0]] == n:
+        if runs and lengths[runs[-1][0]] == n and (keys is None or keys[runs[-1][0]] == keys[i]):
             runs[-1][1] += 1
         else:
             runs.append([i, 1, row])
@@ -1124,22 +1125,17 @@ def head_attention_segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h
 
         def view(t, first, row, count, n):
             return _run_view(t, row, count, n)
-    first = row = 0
-    while first < len(lengths):
-        end = first + 1
-        while end < len(lengths) and lengths[end] == lengths[first] and on[end] == on[first]:
-            end += 1
-        n, count = lengths[first], end - first
-        if n:
-            dst = view(out, first, row, count, n)  # [H, count, n, Dv], a view of the output
-            mask = key_bias[first:end].transpose(0, 1) if key_bias is not None else None  # [1, count, 1, N]
-            for a, b in _on_runs(on[first]):
-                dst[a:b] = torch.nn.functional.scaled_dot_product_attention(
-                    *(view(t, first, row, count, n)[a:b] for t in (q, k, v)), attn_mask=mask, scale=scale)
-            for a, b in _on_runs([not x for x in on[first]]):
-                dst[a:b].zero_()
-        row += count * n
-        first = end
+    for first, count, row in _equal_runs(lengths, on):
+        n = lengths[first]
+        if not n:
+            continue
+        dst = view(out, first, row, count, n)  # [H, count, n, Dv], a view of the output
+        mask = key_bias[first:first + count].transpose(0, 1) if key_bias is not None else None  # [1, count, 1, N]
+        for a, b in _on_runs(on[first]):
+            dst[a:b] = torch.nn.functional.scaled_dot_product_attention(
+                *(view(t, first, row, count, n)[a:b] for t in (q, k, v)), attn_mask=mask, scale=scale)
+        for a, b in _on_runs([not x for x in on[first]]):
+            dst[a:b].zero_()
     return out
 
 
