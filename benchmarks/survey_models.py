@@ -37,6 +37,9 @@ import tokenopt
 from tokenopt.flops import count_flops
 
 POLICIES = ("none", "tome", "pitome", "topk", "ats")
+# --learned: the learned policies at their seeded initialisation, with options that make an untrained
+# policy act (fresh A-ViT scores halt nothing at beta=30; fresh AdaViT gates start near 0.95, open).
+LEARNED = {"avit": {"beta": 0.0}, "dynamicvit": {}, "sait": {}, "adavit": {"threshold": 0.96}}
 
 
 @dataclass
@@ -301,6 +304,71 @@ def run_cell(model: nn.Module, x: torch.Tensor, policy: str, base_flops: int, re
     return record
 
 
+def _finite_grads(tm: nn.Module) -> tuple[int, int]:
+    """(parameters given a gradient, of which non-finite)."""
+    grads = [p.grad for p in tm.parameters() if p.grad is not None]
+    return len(grads), sum(1 for g in grads if not bool(torch.isfinite(g).all()))
+
+
+def run_learned_cell(model: nn.Module, x: torch.Tensor, policy: str, base_flops: int, ref: torch.Tensor,
+                     options: Optional[dict] = None) -> dict:
+    """A learned policy on one variant, its three forms checked against each other:
+
+    1. ``prepare_training`` (masked, differentiable): one training step's forward and backward, the
+       task loss plus the policy's losses; every gradient must be finite and the policy's modules
+       (where it has any) must get one;
+    2. the same module in ``eval()``: the inference decisions, still masked;
+    3. ``optimize`` with the module's policy weights: the inference graph, where the skipped work is
+       gone. Its output must equal (2) (max |diff| <= 1e-3, relative to the output's scale), and its
+       FLOPs are counted while it runs.
+    """
+    options = {**(options or {}), **LEARNED[policy]}
+    started = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stage = "prepare_training"
+        try:
+            tm = tokenopt.prepare_training(model, policy=policy, example_inputs=(x,), **options)
+            stage = "optimize"
+            gm = tokenopt.optimize(model, policy=policy, example_inputs=(x,),
+                                   policy_state=tm.policy_state_dict(), **options)
+        except Exception as e:  # noqa: BLE001  (the survey reports every refusal)
+            return {"outcome": "refused", "error": type(e).__name__, "message": f"{stage}: {e}",
+                    "seconds": time.perf_counter() - started}
+    said = [str(w.message) for w in caught if issubclass(w.category, UserWarning)
+            and "no trained weights" not in str(w.message)  # expected here: the policy is untrained
+            and ("tokenopt" in w.category.__module__ or "tokenopt" in str(w.filename))]
+    record = {"warnings": said}
+
+    tm.train()
+    out = _first(tm(x))
+    loss = out.float().square().mean() + sum(tm.aux_losses().values(), torch.zeros(()))
+    loss.backward()
+    given, bad = _finite_grads(tm)
+    policy_params = [p for n, p in tm.named_parameters() if n.startswith("tokenopt_")]
+    if bad or not torch.isfinite(loss) or (policy_params and all(p.grad is None for p in policy_params)):
+        record.update(outcome="WRONG", message=f"training step: loss {loss.item():.4g}, {bad} of {given} "
+                      f"gradients non-finite, policy modules given a gradient: "
+                      f"{sum(p.grad is not None for p in policy_params)} of {len(policy_params)}")
+        return record
+
+    tm.eval()
+    with torch.no_grad():
+        masked = _first(tm(x)).float()
+        packed = _first(gm(x)).float()
+        flops = count_flops(gm, x)
+    diff = (packed - masked).abs().max().item()
+    scale = max(1.0, masked.abs().max().item())
+    record.update(seconds=time.perf_counter() - started, flops_ratio=flops / base_flops,
+                  max_abs_diff_vs_masked=diff, blocks=len(tokenopt.token_counts(gm, x)))
+    if packed.shape != ref.shape or not bool(torch.isfinite(packed).all()) or diff > 1e-3 * scale:
+        record.update(outcome="WRONG", message=f"inference graph: shape {tuple(packed.shape)} (model "
+                      f"{tuple(ref.shape)}), max |diff| to the masked eval {diff:.3g}")
+        return record
+    record["outcome"] = "reduced" if flops < base_flops * 0.995 else "alone"
+    return record
+
+
 def cell_text(r: dict) -> str:
     if r["outcome"] == "reduced":
         return f"reduced {r['flops_ratio']:.2f}" + (" (warns)" if r.get("warnings") else "")
@@ -313,10 +381,20 @@ def cell_text(r: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--policies", nargs="+", default=list(POLICIES))
+    ap.add_argument("--policies", nargs="+", default=None,
+                    help=f"default: {' '.join(POLICIES)}; with --learned: {' '.join(LEARNED)}")
+    ap.add_argument("--learned", action="store_true",
+                    help="survey the learned policies: training step, masked eval and inference graph "
+                         "checked against each other (run_learned_cell)")
     ap.add_argument("--only", nargs="*", default=[], help="name prefixes of the variants to run")
-    ap.add_argument("--json", default="out/survey.json")
+    ap.add_argument("--json", default=None, help="default: out/survey.json (--learned: out/survey_learned.json)")
     args = ap.parse_args(argv)
+    if args.policies is None:
+        args.policies = list(LEARNED if args.learned else POLICIES)
+    elif args.learned and set(args.policies) - set(LEARNED):
+        ap.error(f"--learned surveys {', '.join(LEARNED)}; got {', '.join(args.policies)}")
+    cell = run_learned_cell if args.learned else run_cell
+    args.json = args.json or ("out/survey_learned.json" if args.learned else "out/survey.json")
     from rich.progress import Progress
 
     chosen = [v for v in VARIANTS if not args.only or any(v.name.startswith(p) for p in args.only)]
@@ -340,7 +418,7 @@ def main(argv=None) -> int:
                                                  if v.options else ""), "cells": {}}
             for policy in args.policies:
                 try:
-                    results[v.name]["cells"][policy] = run_cell(model, x, policy, base, ref, v.options)
+                    results[v.name]["cells"][policy] = cell(model, x, policy, base, ref, v.options)
                 except Exception as e:  # noqa: BLE001  (a crash after optimize returned is a defect: shown)
                     results[v.name]["cells"][policy] = {"outcome": "CRASH", "message": traceback.format_exc(limit=3)}
                     print(f"{v.name} {policy}: {type(e).__name__}: {e}", file=sys.stderr)

@@ -133,6 +133,39 @@ def test_dynamicvit_inference_graph_equals_the_training_graph_in_eval_and_prunes
     assert count_flops(gm, x) < 0.75 * count_flops(vit, x)
 
 
+def dynamicvit_inference_reference(model, preds, img, stages, rho):
+    """DynamicViT at inference, written out: after each stage's block, keep the CLS token and the
+    ``int(patches * rho ** stage)`` patch tokens with the highest keep log-probability, in their order."""
+    blocks = _timm_blocks(model)
+    x = _embed(model, img)
+    patches = x.shape[1] - 1
+    for i, blk in enumerate(blocks):
+        x = _block(blk, x, lambda q, k, v: F.scaled_dot_product_attention(q, k, v, scale=blk.scale))
+        if i in stages:
+            s = stages.index(i)
+            keep_logp = _predict(preds[s], x[:, 1:], torch.ones(x.shape[0], x.shape[1] - 1, 1))[..., 0]
+            top = keep_logp.topk(int(patches * rho ** (s + 1)), dim=1).indices.sort(dim=1).values + 1
+            idx = torch.cat([torch.zeros(x.shape[0], 1, dtype=torch.long), top], 1)
+            x = torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))
+    return model.forward_head(model.norm(x))
+
+
+def test_dynamicvit_inference_graph_equals_the_equations(vit):
+    cfg = tokenopt.DynamicViT(rho=0.7)
+    x = torch.randn(3, 3, 64, 64)
+    tm = tokenopt.prepare_training(copy.deepcopy(vit), policy=cfg, example_inputs=(x,))
+    with torch.no_grad():  # predictors whose ranking differs from token to token
+        for p in tm.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model = copy.deepcopy(vit)
+    model.load_state_dict(tm.model_state_dict(), strict=True)
+    preds = [tm.get_submodule(f"tokenopt_dynamicvit.predictor{s}") for s in range(len(cfg.stages(4)))]
+    gm = tokenopt.optimize(model, policy=cfg, example_inputs=(x,), policy_state=tm.policy_state_dict())
+    with torch.no_grad():
+        want = dynamicvit_inference_reference(model, preds, x, cfg.stages(4), 0.7)
+        torch.testing.assert_close(gm(x), want, atol=1e-5, rtol=1e-5)
+
+
 def test_dynamicvit_needs_its_trained_weights(vit):
     with pytest.warns(UserWarning, match="no trained weights for tokenopt_dynamicvit.predictor0"):
         tokenopt.optimize(vit, policy="dynamicvit", example_inputs=(torch.randn(2, 3, 64, 64),))

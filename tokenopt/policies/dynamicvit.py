@@ -147,6 +147,8 @@ class DynamicViT(PolicyConfig):
         score = ctx.call(aten.select.int, logp, -1, 0)
         if ctx.valid is not None:  # (masked form: padding never wins)
             score = ctx.call(aten.where.ScalarOther, ctx.call(aten.slice.Tensor, ctx.valid, 1, p, None), score, -math.inf)
+        if p:  # topk_select takes a score per token and skips the first p columns itself
+            score = ctx.call(aten.constant_pad_nd.default, score, [p, 0], 0.0)
         idx = ctx.call(torch.ops.tokenopt.topk_select.default, ctx.call(aten.unsqueeze.default, score, 1), count, p,
                        role="tokens.idx")
         return Keep(idx, p + count)
