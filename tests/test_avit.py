@@ -103,6 +103,23 @@ def test_packed_inference_equals_the_masked_graph_on_fewer_tokens(vit):
     vit.train()
 
 
+def test_every_token_halting_leaves_an_empty_buffer_that_still_runs():
+    """Hugging Face lays heads out with ``view(x, [B, N, -1, D])``; with every token halted after the
+    first block the packed buffer has no rows and that -1 could not be inferred: the realisation writes
+    its captured value (the head count) instead. The output equals the masked graph's."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ViTConfig(num_hidden_layers=3, hidden_size=64, num_attention_heads=2, intermediate_size=128,
+                                 image_size=32, patch_size=8, num_labels=5)
+    model = transformers.ViTForImageClassification(cfg).eval()
+    x = torch.randn(2, 3, 32, 32)
+    policy = tokenopt.AViT(beta=-30.0)  # sigmoid(gamma * y - beta) ~ 1: every token halts at block 0
+    packed = tokenopt.optimize(model, policy=policy, example_inputs=(x,))
+    masked = tokenopt.optimize(model, policy=policy, example_inputs=(x,), mode="masked")
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x).logits, masked(x).logits, atol=1e-5, rtol=1e-5)
+    assert tokenopt.token_counts(packed, x)[1].tolist() == [0, 0]
+
+
 def test_trained_weights_go_back_into_the_model(vit):
     import copy
 

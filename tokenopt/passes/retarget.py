@@ -84,9 +84,11 @@ def retarget_token_sizes(gm: fx.GraphModule) -> int:
             continue
         # the captured sizes that may change: the token count, and the batch once tokens are packed
         keys = ((n0, n_patch, batch) if n_patch != n0 else (n0, batch)) + pooled
+        absorbed = False  # a size that may change is folded into a -1 of the target shape
         for key in keys:
             hits = [i for i, s in enumerate(shape) if _same_size(s, key)]
             if not hits:
+                absorbed = absorbed or any(_same_size(s, key) for s in src_val.shape)
                 continue
             dims = [d for d, s in enumerate(src_val.shape) if _same_size(s, key)]
             if (key is batch or key is n_patch or key in pooled) and not dims:
@@ -107,6 +109,14 @@ def retarget_token_sizes(gm: fx.GraphModule) -> int:
             stamp(size, block=node.meta.get(META_BLOCK), **{"pass": "retarget_token_sizes"})
             shape[hits[0]] = size
             replaced += 1
+        if -1 in shape and not absorbed and node.target != aten.expand.default:
+            # ``view(x, [B, N, -1, D])`` (Hugging Face's heads): the -1 stands for sizes that do not
+            # change, so write its captured value; a -1 cannot be inferred once a buffer has no rows
+            # (every image skipped a sub-layer, or every token halted)
+            i = shape.index(-1)
+            out = P.val(node)
+            if out is not None and isinstance(out.shape[i], int):
+                shape[i] = out.shape[i]
         node.update_arg(1, shape)
     gm.meta.setdefault("tokenopt.counters", {})["retarget_token_sizes"] = replaced
     return replaced
