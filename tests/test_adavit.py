@@ -237,6 +237,24 @@ def test_adavit_gates_only_on_a_model_without_cls_token_and_an_empty_sub_batch()
         torch.testing.assert_close(gm(x), model.forward_head(model.norm(h)), atol=1e-5, rtol=1e-5)
 
 
+def test_attention_pooling_head_reads_per_image_token_counts():
+    """A MAP head (one learned query attending to the tokens) after token gates: each image keeps its
+    own tokens, so the head's keys are laid out per image with the padding masked; the longest count is
+    known only at run time, so they are laid out at the captured count. Packed equals masked."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", depth=3, img_size=32, patch_size=8, num_classes=4,
+                              class_token=False, global_pool="map").eval()
+    x = torch.randn(3, 3, 32, 32)
+    cfg = tokenopt.AdaViT(heads=False, layers=False, token_blocks=(0,), token_threshold=0.9)
+    state = _varied(tokenopt.prepare_training(copy.deepcopy(model), policy=cfg, example_inputs=(x,)).policy_state_dict())
+    packed = tokenopt.optimize(model, policy=cfg, example_inputs=(x,), policy_state=state)
+    masked = tokenopt.optimize(model, policy=cfg, example_inputs=(x,), policy_state=state, mode="masked")
+    counts = tokenopt.token_counts(packed, x)[1].tolist()
+    assert len(set(counts)) > 1 and max(counts) < 16  # per image, fewer than the 16 patches
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x), masked(x), atol=1e-5, rtol=1e-5)
+
+
 def test_cpu_attention_runs_equal_the_padded_references():
     """On a CPU, packed attention batches runs of images with the same length (and, for gated heads, the
     (image, head) pairs that are on): every grouping equals the padded, image-independent references."""

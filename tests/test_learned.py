@@ -166,6 +166,31 @@ def test_dynamicvit_inference_graph_equals_the_equations(vit):
         torch.testing.assert_close(gm(x), want, atol=1e-5, rtol=1e-5)
 
 
+def test_models_that_output_every_token_train_and_infer_with_dense():
+    """``Dinov2Model`` returns every token: ``dense=True`` keeps the grid in training and inference alike
+    (the eval graph equals the inference graph), and a per-image policy, whose padded buffer cannot
+    shrink, says that it saves nothing instead of returning a slower graph silently."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.Dinov2Config(hidden_size=64, num_hidden_layers=3, num_attention_heads=2, intermediate_size=128,
+                                    image_size=28, patch_size=7)
+    model = transformers.Dinov2Model(cfg).eval()
+    x = torch.randn(2, 3, 28, 28)
+    tm = tokenopt.prepare_training(model, policy="dynamicvit", example_inputs=(x,), dense=True)
+    gm = tokenopt.optimize(model, policy="dynamicvit", example_inputs=(x,), dense=True,
+                           policy_state=tm.policy_state_dict())
+    tm.eval()
+    with torch.no_grad():
+        want, got = tm(x).last_hidden_state, gm(x).last_hidden_state
+    assert got.shape == (2, 17, 64)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert count_flops(gm, x) < 0.9 * count_flops(model, x)
+    with pytest.warns(UserWarning, match="no work is saved. dense=True needs that buffer"):
+        tokenopt.optimize(model, policy="sait", example_inputs=(x,), dense=True)
+    with pytest.raises(ValueError, match="dense must be True or False"):
+        tokenopt.prepare_training(model, policy="dynamicvit", example_inputs=(x,), dense="yes")
+
+
 def test_dynamicvit_needs_its_trained_weights(vit):
     with pytest.warns(UserWarning, match="no trained weights for tokenopt_dynamicvit.predictor0"):
         tokenopt.optimize(vit, policy="dynamicvit", example_inputs=(torch.randn(2, 3, 64, 64),))

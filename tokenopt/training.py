@@ -98,6 +98,7 @@ def prepare_training(
     example_inputs: Optional[Sequence[Any]] = None,
     *,
     policy_state: Optional[dict] = None,
+    dense: bool = False,
     **options: Any,
 ) -> TrainingModule:
     """Capture ``model`` in training form with ``policy`` realised masked (differentiable).
@@ -108,6 +109,9 @@ def prepare_training(
         example_inputs: one call's inputs (default: a random batch of the model's input size).
         policy_state: weights for a learned policy's modules to start from (default: their seeded
             initialisation).
+        dense: for a model whose output is every token (``Dinov2Model``, ``CLIPVisionModel``): as in
+            :func:`tokenopt.optimize`, the output keeps the full token grid, a dropped token as it was
+            when dropped, so the training graph and ``optimize(..., dense=True)`` agree.
         **options: fields of the policy's config.
 
     Returns:
@@ -117,11 +121,13 @@ def prepare_training(
     from tokenopt.api import _build  # (api imports this module's neighbours; avoid a cycle)
 
     config = make_config(policy, **options)
+    if not isinstance(dense, bool):
+        raise ValueError(f"dense must be True or False; got {dense!r}")
     if isinstance(policy_state, (str, bytes)) or hasattr(policy_state, "__fspath__"):
         policy_state = torch.load(policy_state, map_location="cpu", weights_only=True)
     gm = capture(model, example_inputs, train=True, dynamic_size=False)
     gm.meta.pop("tokenopt.generic", None)
-    build = {"mode": "masked", "kernels": "reference", "dense": False, "keep_original": False, "training": True}
+    build = {"mode": "masked", "kernels": "reference", "dense": dense, "keep_original": False, "training": True}
     gm, _ = _build(gm, config, build, policy_state=policy_state)
     _append_outputs(gm, _aux_nodes(gm))
     tm = TrainingModule.wrap(gm, signature=signature_of(model, len(gm.meta["tokenopt.example_inputs"])),

@@ -378,6 +378,7 @@ class RealizeTokens:
         counts: dict[int, Any] = {}
         count_nodes: dict[int, tuple[str, str]] = {}
         decided = 0
+        shrunk, gated = False, False  # (padded form: did the buffer ever get shorter, or images skip parts)
         self.tables, side_uses = _side_tables(gm, info)
         self.needs_positions = bool(self.tables) and bool(plan)
         if self.needs_positions:  # original positions, to index the tables for each image's tokens
@@ -416,6 +417,7 @@ class RealizeTokens:
                                        "gated blocks do not support")
                 self._gated_block(gm, blk, state, gate, by_site[(blk.index, "pre_block")][0].policy)
                 decided += 1
+                gated = True
             elif att_decisions:
                 decided += self._attn_site(gm, info, blk, state, att_decisions[0])
             else:
@@ -427,6 +429,7 @@ class RealizeTokens:
             for d in by_site.get((blk.index, "post_block"), []):
                 decided += self._post_block_site(gm, info, blk, state, d)
             state.changed = state.changed or decided > 0
+            shrunk = shrunk or state.packed or state.length < info.num_tokens
             counts[blk.index] = state.active
             if state.count is not None:
                 count_nodes[blk.index] = ("cu" if state.packed else "valid", state.count.name)
@@ -453,6 +456,16 @@ class RealizeTokens:
         gm.meta["tokenopt.decisions"] = self.decisions
         gm.meta["tokenopt.halting"] = self.halting
         gm.meta["tokenopt.aux"] = self.aux
+        if decided and self.mode == "padded" and not (shrunk or gated):
+            import warnings
+
+            fix = ("dense=True needs that buffer, so for a model whose output is every token use a policy "
+                   "with one count per batch (tome, topk, dynamicvit)" if self.dense else
+                   "Use mode='packed', or a policy with one count per batch (tome, topk, dynamicvit)")
+            warnings.warn(
+                f"{plan[0].policy}: mode='padded'{' (what dense=True runs)' if self.dense else ''} keeps each "
+                "image's tokens in a buffer of the full length, where the tokens this policy drops per image "
+                f"are only masked: the output is right, but no work is saved. {fix}", stacklevel=4)
         if self._untrained:
             import warnings
 
@@ -989,12 +1002,18 @@ class RealizeTokens:
             else:
                 P.set_sdpa_mask(att.core, bias)
             return
-        if state.packed:  # the keys/values are packed: lay each image's out again (static capacity)
-            k, valid = ins.items(ins(tk.unpack.default, att.k, state.cu, state.cap), 2)
-            v, _ = ins.items(ins(tk.unpack.default, att.v, state.cu, state.cap), 2)
+        if state.packed:  # the keys/values are packed: lay each image's out again
+            # the longest image's count (state.cap) is known only at run time, and SDPA's shape rules
+            # ask whether it is 0; the captured token count bounds it: one query over that many keys,
+            # the padding masked, costs the head next to nothing
+            cap = get_model_info(gm).num_tokens
+            if not isinstance(cap, int):
+                cap = state.cap
+            k, valid = ins.items(ins(tk.unpack.default, att.k, state.cu, cap), 2)
+            v, _ = ins.items(ins(tk.unpack.default, att.v, state.cu, cap), 2)
             size = None
             if state.size is not None and state.proportional:
-                size, _ = ins.items(ins(tk.unpack.default, state.size, state.cu, state.cap), 2)
+                size, _ = ins.items(ins(tk.unpack.default, state.size, state.cu, cap), 2)
             bias = ins(tk.token_bias.default, valid, size, self.dtype, role="tokens.bias")
             att.core.update_arg(1, k)
             att.core.update_arg(2, v)
