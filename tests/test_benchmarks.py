@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -86,6 +88,23 @@ def test_survey_models_reports_each_cell(tmp_path, capsys):
     assert 0.3 < data["hand/sdpa"]["cells"]["tome"]["flops_ratio"] < 0.9
     text = capsys.readouterr().out
     assert "| hand/talking_heads |" in text and "mixes its heads around the softmax" in text
+
+
+def test_survey_models_learned_checks_the_three_forms_against_each_other(tmp_path, capsys):
+    out = tmp_path / "s.json"
+    survey = _load("survey_models")
+    assert survey.main(["--learned", "--only", "hand/sdpa", "hand/mha", "--policies", "dynamicvit", "sait",
+                        "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    cells = {name: {p: c["outcome"] for p, c in r["cells"].items()} for name, r in data.items()}
+    assert cells == {"hand/sdpa": {"dynamicvit": "reduced", "sait": "reduced"},
+                     "hand/mha": {"dynamicvit": "refused", "sait": "refused"},  # (--only takes prefixes)
+                     "hand/mha_weights": {"dynamicvit": "refused", "sait": "refused"}}
+    for cell in data["hand/sdpa"]["cells"].values():  # the inference graph equals the masked eval graph
+        assert cell["max_abs_diff_vs_masked"] <= 1e-3 and cell["flops_ratio"] < 0.99
+    assert "runs sequence-first" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        survey.main(["--learned", "--policies", "tome"])
 
 
 def test_bench_learned_reads_a_runs_folder_with_inference_options(tmp_path, capsys):
