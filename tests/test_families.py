@@ -178,6 +178,54 @@ def test_tome_on_side_table_and_pooling_families_matches_eager_reference(family)
     torch.testing.assert_close(tokenopt.optimize(model, policy="tome", r=R, mode="masked")(x), gm(x))
 
 
+def _hf_beit_reference(model, img):
+    """Hugging Face BEiT with ToMe, written from its modules: each layer's relative-position bias
+    ``[1, H, N, N]`` gathered for each image's current tokens, ToMe after attention, mean-pooled head."""
+    beit = model.beit
+    x = beit.embeddings(img)
+    b, n, _ = x.shape
+    pos = torch.arange(n).expand(b, -1)
+    window = (img.shape[2] // model.config.patch_size, img.shape[3] // model.config.patch_size)
+    size = None
+    for layer in beit.layers:
+        att = layer.attention
+        table = layer.relative_position_bias(window, False, dim_size=n)  # the captured N x N table
+        bias = ref.pair_gather(table, pos, pos)
+        if size is not None:
+            bias = bias + ref.size_to_bias(size)
+        h = layer.layernorm_before(x)
+        q, k, v = (proj(h).view(b, h.shape[1], -1, att.head_dim).transpose(1, 2) for proj in (att.q_proj, att.k_proj, att.v_proj))
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=att.scaling)
+        x = x + layer.lambda_1 * att.o_proj(a.transpose(1, 2).reshape(b, h.shape[1], -1))
+        unm, src, dst = ref.tome_match(k.mean(1), R // 4, 1)
+        pa, pb = pos[:, 1::2], pos[:, 2::2]
+        pos = torch.cat([pos[:, :1], torch.gather(pa, 1, unm), pb], 1)
+        x, size = ref.tome_merge(x, size, unm, src, dst, 1)
+        x = x + layer.lambda_2 * layer.mlp(layer.layernorm_after(x))
+    x = beit.layernorm(x)
+    return model.classifier(beit.pooler.layernorm(ref.sized_mean(x, size, 1)))
+
+
+def test_tome_on_hugging_face_beit_gathers_its_batch_expanded_bias():
+    """HF BEiT adds its expanded attention mask to the relative-position table, so the table reaches
+    attention as ``[B, H, N, N]``; it reads no image, so one row of its batch axis is gathered per image."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BeitConfig(hidden_size=96, num_hidden_layers=3, num_attention_heads=3, intermediate_size=192,
+                                  image_size=64, patch_size=8, use_relative_position_bias=True, num_labels=5,
+                                  layer_scale_init_value=0.5)
+    model = transformers.BeitForImageClassification(cfg).eval()
+    with torch.no_grad():
+        for name, prm in model.named_parameters():
+            if "relative_position_bias_table" in name:
+                prm.normal_(0, 1)
+    x = torch.randn(2, 3, 64, 64)
+    gm = tokenopt.optimize(model, policy="tome", r=R // 4, example_inputs=(x,))
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x).logits, _hf_beit_reference(model, x), atol=2e-5, rtol=1e-4)
+    assert tokenopt.token_counts(gm, x)[2].tolist() == [65 - 3 * (R // 4)] * 2
+
+
 def test_cls_policies_on_register_only_models_are_refused_with_the_reason():
     model = timm_model("vit_small_patch14_reg4_dinov2", img_size=112, class_token=False, global_pool="avg", depth=3)
     with pytest.raises(tokenopt.passes.RewriteError, match="registers, not a CLS token.*policy='tome'"):

@@ -548,7 +548,13 @@ class RealizeTokens:
         if mask is not None and mask in self.tables and (state.changed or pos_q is not None):
             # a relative-position bias sized N x N: each image's entries for its current tokens
             ins = _Inserter(gm, att.core, blk.index, policy)
-            pm = ins(tk.pair_gather.default, mask, pos_q if pos_q is not None else state.pos, state.pos,
+            table, v = mask, P.val(mask)
+            batch = P.val(get_model_info(gm).image_input).shape[0]
+            if v is not None and v.dim() == 4 and str(v.shape[0]) == str(batch) and v.shape[0] != 1:
+                # expanded over the batch (Hugging Face's BEiT adds its expanded attention mask); the
+                # table does not read the image, so every row of that axis is the same one
+                table = ins(aten.select.int, mask, 0, 0)
+            pm = ins(tk.pair_gather.default, table, pos_q if pos_q is not None else state.pos, state.pos,
                      role="tokens.side")
             bias = pm if state.bias is None else ins(aten.add.Tensor, pm, state.bias, role="tokens.bias")
             P.set_sdpa_mask(att.core, bias)
