@@ -55,6 +55,55 @@ def _policy_softmax(q, k, v, scale, policy, eps=1e-6):
     return a @ v
 
 
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_policy_attention_equals_the_policy_softmax_with_the_models_bias(with_bias):
+    """``tokenopt::policy_attention`` against ``softmax_with_policy`` written out (the [N, N] mask, the
+    diagonal kept), a model's relative-position bias added to the logits first: forward and gradients,
+    the bias's included (it is a trained table)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 7, 8, generator=g, requires_grad=True) for _ in range(3))
+    keep = torch.tensor([[1, 0, 1, 1, 0, 1, 0], [1, 1, 0, 0, 1, 1, 1]], dtype=torch.float32, requires_grad=True)
+    bias = (torch.randn(1, 3, 7, 7, generator=g) * 2).requires_grad_(True) if with_bias else None
+    got = torch.ops.tokenopt.policy_attention(q, k, v, keep, 0.35, bias)
+    n = 7
+    a = (q @ k.transpose(-1, -2)) * 0.35 + (bias if with_bias else 0)
+    m = keep[:, None, None, :] + (1 - keep[:, None, None, :]) * torch.eye(n)
+    a = torch.exp(a - a.max(-1, keepdim=True).values) * m
+    want = ((a + 1e-6 / n) / (a.sum(-1, keepdim=True) + 1e-6)) @ v
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    w = torch.randn(got.shape, generator=g)
+    leaves = [q, k, v, keep] + ([bias] if with_bias else [])
+    grads_got = torch.autograd.grad((got * w).sum(), leaves)
+    grads_want = torch.autograd.grad((want * w).sum(), leaves)
+    for a_, b_ in zip(grads_got, grads_want):
+        torch.testing.assert_close(a_, b_, atol=1e-4, rtol=1e-4)
+
+
+def test_dynamicvit_trains_on_a_relative_position_model():
+    """BEiT's per-block relative-position bias stays in the logits the soft mask weighs; the training
+    step reaches the table and the predictors, and the eval graph equals the inference graph."""
+    torch.manual_seed(0)
+    model = timm.create_model("beit_base_patch16_224", img_size=64, patch_size=8, embed_dim=96, depth=4, num_heads=3,
+                              num_classes=5).eval()
+    with torch.no_grad():
+        for name, prm in model.named_parameters():
+            if "relative_position_bias_table" in name:
+                prm.normal_(0, 1)
+    x = torch.randn(2, 3, 64, 64)
+    tm = tokenopt.prepare_training(model, policy="dynamicvit", example_inputs=(x,))
+    assert any(n.target == torch.ops.tokenopt.policy_attention.default and n.args[5] is not None
+               for n in tm.graph.nodes)
+    out = tm(x)
+    (out.square().mean() + sum(tm.aux_losses().values())).backward()
+    table = tm.get_parameter("blocks.3.attn.relative_position_bias_table")
+    assert table.grad is not None and table.grad.abs().sum() > 0
+    assert tm.get_submodule("tokenopt_dynamicvit.predictor0").fc3.weight.grad.abs().sum() > 0
+    tm.eval()
+    gm = tokenopt.optimize(model, policy="dynamicvit", example_inputs=(x,), policy_state=tm.policy_state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), tm(x), atol=1e-5, rtol=1e-5)
+
+
 def dynamicvit_train_reference(model, preds, img, stages, rho):
     blocks = _timm_blocks(model)
     x = _embed(model, img)

@@ -588,14 +588,15 @@ def _(logp, gumbel):
     return logp.new_empty(logp.shape[:-1])
 
 
-@_op("policy_attention", ref.policy_attention, grads=(0, 1, 2, 3))
-def policy_attention(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, scale: float) -> Tensor:
+@_op("policy_attention", ref.policy_attention, grads=(0, 1, 2, 3, 5))
+def policy_attention(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, scale: float, bias: Optional[Tensor] = None
+                     ) -> Tensor:
     """Attention with a soft key mask (DynamicViT training) = ``reference.policy_attention``."""
-    return ref.policy_attention(q, k, v, keep, scale)
+    return ref.policy_attention(q, k, v, keep, scale, bias)
 
 
 @policy_attention.register_fake
-def _(q, k, v, keep, scale):
+def _(q, k, v, keep, scale, bias=None):
     return q.new_empty(q.shape[:-1] + (v.shape[-1],))
 
 

@@ -959,11 +959,13 @@ def gumbel_keep(logp: torch.Tensor, gumbel: torch.Tensor) -> torch.Tensor:
 
 
 def policy_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, scale: float,
-                     eps: float = 1e-6) -> torch.Tensor:
+                     bias: Optional[torch.Tensor] = None, eps: float = 1e-6) -> torch.Tensor:
     """Attention with DynamicViT's soft token mask (training form): ``keep`` ``[B, N]`` in [0, 1] weighs
     every key, except that each query always sees itself; weights renormalised with ``eps``:
     ``a = exp(l - max l) * m``, ``a = (a + eps / N) / (sum a + eps)`` with ``m[i, j] = keep[j]`` off the
-    diagonal and 1 on it (``softmax_with_policy`` of the authors' code, in float32).
+    diagonal and 1 on it (``softmax_with_policy`` of the authors' code, in float32). ``bias``: the
+    model's own additive attention mask (a relative-position bias, broadcastable to ``[B, H, N, N]``),
+    part of the logits ``l`` as in the model.
 
     Computed without the ``[N, N]`` mask: ``a = E * keep[j] + [i = j] * E[i, i] * (1 - keep[i])`` with
     ``E = exp(l - max l)``, so the diagonal term is a per-query vector (``E[i, i]`` from ``q_i . k_i``)
@@ -972,10 +974,14 @@ def policy_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: to
     n = k.shape[-2]
     qf, kf, vf = q.float(), k.float(), v.float()
     logits = torch.matmul(qf, kf.transpose(-1, -2)) * scale
+    diag = (qf * kf).sum(-1, keepdim=True) * scale  # [B, H, N, 1]: each query's logit for itself
+    if bias is not None:
+        logits = logits + bias.float()
+        diag = diag + bias.float().diagonal(dim1=-2, dim2=-1).unsqueeze(-1)
     top = logits.detach().amax(dim=-1, keepdim=True)  # (a shift for range only: its gradient is O(eps))
     m = keep.float()[:, None, None, :]
     e = (logits - top).exp() * m  # [B, H, N, N]
-    own = ((qf * kf).sum(-1, keepdim=True) * scale - top).exp() * (1.0 - m.transpose(-1, -2))  # [B, H, N, 1]
+    own = (diag - top).exp() * (1.0 - m.transpose(-1, -2))  # [B, H, N, 1]
     num = torch.matmul(e, vf) + own * vf + (eps / n) * vf.sum(dim=-2, keepdim=True)
     den = e.sum(dim=-1, keepdim=True) + own + eps
     return (num / den).to(v.dtype)

@@ -509,13 +509,17 @@ class RealizeTokens:
                 pos_q: Optional[fx.Node] = None) -> None:
         att = blk.attention
         if state.soft is not None:  # a Mask (training form): DynamicViT's attention with a soft key mask
-            if att.kind != "sdpa" or att.attn_mask is not None or q is not None:
+            mask = att.attn_mask
+            bool_mask = mask is not None and P.val(mask) is not None and P.val(mask).dtype == torch.bool
+            if att.kind != "sdpa" or bool_mask or q is not None:
                 raise RewriteError(
-                    f"block {blk.index} ({blk.module_path}): attention {att.core.name} is not a plain SDPA without "
-                    "a model mask, so the training mask cannot be applied to it; train with the mask before this "
-                    "block only (blocks=)")
+                    f"block {blk.index} ({blk.module_path}): attention {att.core.name} is not a plain SDPA (with at "
+                    "most an additive model mask, such as a relative-position bias), so the training mask cannot "
+                    "be applied to it; train with the mask before this block only (blocks=)")
             ins = _Inserter(gm, att.core, blk.index, policy)
-            new = ins(tk.policy_attention.default, att.q, att.k, att.v, state.soft, att.scale, role="attn.core")
+            # a model mask (relative-position bias) stays part of the logits the soft mask weighs
+            new = ins(tk.policy_attention.default, att.q, att.k, att.v, state.soft, att.scale, mask,
+                      role="attn.core")
             new.meta["val"] = att.core.meta.get("val")
             att.core.replace_all_uses_with(new)
             gm.graph.erase_node(att.core)
