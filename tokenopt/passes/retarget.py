@@ -6,6 +6,7 @@ packed.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -36,6 +37,31 @@ def _same_dim(size: Any, src: fx.Node, j: int) -> bool:
     if isinstance(size, fx.Node) and size.target == aten.sym_size.int and size.args[:2] == (src, j):
         return True
     return _same_size(size, P.val(src).shape[j])
+
+
+def _static_minus_one(shape: list, src: fx.Node, out: Any, keys: tuple) -> Any:
+    """The captured value of the -1 in ``shape`` (a reshape of ``src``) when it stands only for sizes no
+    token reduction changes, else None.
+
+    It does when ``src``'s token axes (and batch axis) stay axes of their own at the same place in
+    ``shape`` and the axes the -1 absorbs are static channel-like sizes: Hugging Face's
+    ``view(x, [B, N, -1, D])`` (heads split out of the channels), ``[B, -1, N, D]`` and ``[B, N, -1]``.
+    A -1 over a flattened batch or token axis (``[B * N, C] -> [B, -1, C]``) is left to be inferred.
+    """
+    src_val = P.val(src)
+    if out is None or src_val is None or shape.count(-1) != 1:
+        return None
+    i = shape.index(-1)
+    covered = {j for j in range(min(len(shape), src_val.dim())) if j != i and _same_dim(shape[j], src, j)}
+    token_axes = [j for j, d in enumerate(src_val.shape) if any(_same_size(d, key) for key in keys)]
+    if not token_axes or not set(token_axes) <= covered:
+        return None
+    free_src = [d for j, d in enumerate(src_val.shape) if j not in covered]
+    free_out = [d for j, d in enumerate(shape) if j not in covered and j != i]
+    if not all(isinstance(d, int) and not isinstance(d, bool) for d in free_src + free_out):
+        return None
+    value = math.prod(free_src) // max(1, math.prod(free_out))
+    return value if value * math.prod(free_out) == math.prod(free_src) and value == out.shape[i] else None
 
 
 _VIEW_OPS = {aten.reshape.default, aten.view.default, aten._unsafe_view.default, aten.expand.default}
@@ -84,11 +110,9 @@ def retarget_token_sizes(gm: fx.GraphModule) -> int:
             continue
         # the captured sizes that may change: the token count, and the batch once tokens are packed
         keys = ((n0, n_patch, batch) if n_patch != n0 else (n0, batch)) + pooled
-        absorbed = False  # a size that may change is folded into a -1 of the target shape
         for key in keys:
             hits = [i for i, s in enumerate(shape) if _same_size(s, key)]
             if not hits:
-                absorbed = absorbed or any(_same_size(s, key) for s in src_val.shape)
                 continue
             dims = [d for d, s in enumerate(src_val.shape) if _same_size(s, key)]
             if (key is batch or key is n_patch or key in pooled) and not dims:
@@ -109,14 +133,12 @@ def retarget_token_sizes(gm: fx.GraphModule) -> int:
             stamp(size, block=node.meta.get(META_BLOCK), **{"pass": "retarget_token_sizes"})
             shape[hits[0]] = size
             replaced += 1
-        if -1 in shape and not absorbed and node.target != aten.expand.default:
-            # ``view(x, [B, N, -1, D])`` (Hugging Face's heads): the -1 stands for sizes that do not
-            # change, so write its captured value; a -1 cannot be inferred once a buffer has no rows
-            # (every image skipped a sub-layer, or every token halted)
-            i = shape.index(-1)
-            out = P.val(node)
-            if out is not None and isinstance(out.shape[i], int):
-                shape[i] = out.shape[i]
+        value = None if node.target == aten.expand.default else _static_minus_one(shape, src, P.val(node), keys)
+        if value is not None:
+            # ``view(x, [B, N, -1, D])`` (Hugging Face's heads): write the -1's captured value, since a
+            # -1 cannot be inferred once a buffer has no rows (every token halted, every image
+            # skipping a sub-layer)
+            shape[shape.index(-1)] = value
         node.update_arg(1, shape)
     gm.meta.setdefault("tokenopt.counters", {})["retarget_token_sizes"] = replaced
     return replaced
