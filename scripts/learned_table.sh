@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Issue 14's table, from nothing: the dim-192 Fashion-MNIST ViT, each learned policy fine-tuned from it in
+# stages (distilling from the base), then one run of benchmarks/bench_learned.py over all of them.
+#
+#   scripts/learned_table.sh OUT              # every stage not yet done, in order, then the table
+#   ONLY="dvA saA" scripts/learned_table.sh OUT   # just these stages (their inputs must be done)
+#   TABLE=0 scripts/learned_table.sh OUT      # the stages only
+#
+# Resumable: a stage that finished has OUT/<stage>/.done and is skipped; one that stopped part-way
+# (a session's end) continues from its last epoch's checkpoint (`tokenopt train --resume`). Each stage's
+# output goes to OUT/<stage>.log, its time to OUT/times.txt.
+#   DEVICE="--precision bf16 --device cpu"   (default; on a GPU: DEVICE="--device cuda")
+#   PY=python
+# Stages (epochs on the 60k training images; about 10 min an epoch for the base and 20-25 min for a
+# fine-tune on the 2-core CPU, seconds on a GPU):
+#   base  3 epochs from scratch
+#   dvA   DynamicViT rho 0.75, 2 epochs, lr 1e-4, predictors at 30x      (from base)
+#   dvB   DynamicViT rho 0.75, 2 epochs, lr 5e-5, predictors at 10x      (from dvA, its predictors)
+#   saA   SaiT, one pruning point after block 2, sparse steps at densities drawn from (0.93, 0.995),
+#         2 epochs, lr 1e-4                                             (from base)
+#   avA   A-ViT, 2 epochs, lr 1.5e-4, ponder weight 3e-4                 (from base)
+#   avB   A-ViT, 2 epochs, lr 7e-5, ponder weight 1e-4                   (from avA)
+#   adA   AdaViT, usage targets heads 0.9 / sub-layers 0.95 / tokens 0.8, 1 epoch, lr 1e-4, gates at 30x
+#         (from dvB's backbone: one already used to running without tokens; README, session 12)
+#   adB   AdaViT, targets 0.85 / 0.95 / 0.75, gates as trained (no calibration), 1 epoch, lr 5e-5
+#         (from adA, its gates as trained: adA/checkpoint.pt)
+# The settings are the ones README sessions 9-13 arrived at over longer chains of runs.
+set -euo pipefail
+OUT=${1:?usage: scripts/learned_table.sh OUT}
+PY=${PY:-python}
+DEVICE=${DEVICE:---precision bf16 --device cpu}
+MODEL="--embed-dim 192 --heads 3 --mlp-ratio 4"
+mkdir -p "$OUT"
+T=$OUT/base/model.pt
+FT="--distill --teacher $T --warmup-steps 30"
+stages=(
+  "base  --epochs 3"
+  "dvA   --epochs 2 --init $T $FT --policy dynamicvit --set rho=0.75 --lr 1e-4 --policy-lr-scale 30"
+  "dvB   --epochs 2 --init $OUT/dvA/model.pt --init-policy $OUT/dvA/policy.pt $FT --policy dynamicvit --set rho=0.75 --lr 5e-5 --policy-lr-scale 10"
+  "saA   --epochs 2 --init $T $FT --policy sait --set density=0.97 --set train_density=(0.93,0.995) --set blocks=(2,) --lr 1e-4"
+  "avA   --epochs 2 --init $T $FT --policy avit --set gamma=10 --set beta=1 --set prior_mean=2.5 --set ponder_weight=0.0003 --lr 1.5e-4"
+  "avB   --epochs 2 --init $OUT/avA/model.pt $FT --policy avit --set gamma=10 --set beta=1 --set prior_mean=2.5 --set ponder_weight=0.0001 --lr 7e-5"
+  "adA   --epochs 1 --init $OUT/dvB/model.pt $FT --policy adavit --set head_target=0.9 --set layer_target=0.95 --set token_target=0.8 --lr 1e-4 --policy-lr-scale 30"
+  "adB   --epochs 1 --init $OUT/adA/model.pt --init-policy $OUT/adA/checkpoint.pt $FT --policy adavit --set head_target=0.85 --set layer_target=0.95 --set token_target=0.75 --set calibrate=False --lr 5e-5 --policy-lr-scale 30"
+)
+for spec in "${stages[@]}"; do
+  read -r name args <<< "$spec"
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then continue; fi
+  if [ -e "$OUT/$name/.done" ]; then echo "== $name: done"; continue; fi
+  resume=""
+  if [ -e "$OUT/$name/checkpoint.pt" ]; then resume="--resume"; fi
+  echo "== $name ${resume:+(resumed) }$(date +%H:%M:%S): $args"
+  start=$(date +%s)
+  # shellcheck disable=SC2086  # (the arguments are words)
+  "$PY" -m tokenopt.train --out "$OUT/$name" $MODEL $DEVICE --no-progress $resume $args >> "$OUT/$name.log" 2>&1 \
+    || { tail -30 "$OUT/$name.log"; exit 1; }
+  took=$(( $(date +%s) - start ))
+  touch "$OUT/$name/.done"
+  echo "$name ${resume:+(resumed) }$took s" >> "$OUT/times.txt"
+  "$PY" - "$OUT/$name/log.json" "$took" <<'EOF'
+import json, sys
+log = json.load(open(sys.argv[1]))["epochs"]
+print("   ", ", ".join(f"{e['test_accuracy']:.2%}" for e in log), f"test accuracy after each epoch; {sys.argv[2]} s")
+EOF
+done
+if [ "${TABLE:-1}" = 1 ] && [ -z "${ONLY:-}" ]; then
+  echo "== table $(date +%H:%M:%S)"
+  "$PY" benchmarks/bench_learned.py --base "$OUT/base" --avit "$OUT/avB" --adavit "$OUT/adB" \
+    --set adavit.threshold=0.7 --set adavit.layer_threshold=0.85 --sait "$OUT/saA" --sait-densities 0.97,0.9 \
+    --dynamicvit "$OUT/dvB" --rounds 21 --json "$OUT/table.json"
+fi

@@ -1,0 +1,68 @@
+"""scripts/learned_table.sh's plumbing: stages in order, each fed its inputs, skipped once done, resumed
+from its checkpoint after a stop. `tokenopt train` is replaced by a stand-in that records its arguments
+(the training itself is tests/test_train.py's)."""
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "learned_table.sh"
+
+FAKE = f"""#!/usr/bin/env bash
+# stands in for python: "-m tokenopt.train ARGS" is recorded (and fails for the stage named in $FAIL_ON
+# after writing a checkpoint, as a run stopped part-way leaves one); anything else goes to python
+if [ "$1" = "-m" ]; then
+  shift 2
+  echo "$*" >> "$CALLS"
+  out=""; prev=""
+  for a in "$@"; do [ "$prev" = "--out" ] && out=$a; prev=$a; done
+  mkdir -p "$out"
+  if [ -n "${{FAIL_ON:-}}" ] && [ "$(basename "$out")" = "$FAIL_ON" ]; then touch "$out/checkpoint.pt"; exit 3; fi
+  echo '{{"epochs": [{{"test_accuracy": 0.5}}]}}' > "$out/log.json"
+  exit 0
+fi
+exec {sys.executable} "$@"
+"""
+
+
+def _run(tmp_path, out, **env):
+    fake = tmp_path / "fakepy"
+    fake.write_text(FAKE)
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    calls = tmp_path / "calls.txt"
+    full = {**os.environ, "PY": str(fake), "CALLS": str(calls), "TABLE": "0", **env}
+    proc = subprocess.run(["bash", str(SCRIPT), str(out)], cwd=ROOT, env=full, capture_output=True, text=True)
+    lines = calls.read_text().splitlines() if calls.exists() else []
+    calls.unlink(missing_ok=True)
+    return proc, [line.split("--out ")[1].split()[0] for line in lines], lines
+
+
+def test_learned_table_runs_each_stage_once_in_order_and_resumes_a_stopped_one(tmp_path):
+    out = tmp_path / "runs"
+    proc, stages, lines = _run(tmp_path, out, ONLY="base dvA")
+    assert proc.returncode == 0, proc.stderr
+    assert stages == [f"{out}/base", f"{out}/dvA"]
+    assert "--init" not in lines[0] and "--policy" not in lines[0]  # the base: from scratch
+    assert f"--init {out}/base/model.pt" in lines[1] and f"--teacher {out}/base/model.pt" in lines[1]
+    assert "--policy dynamicvit" in lines[1] and "--resume" not in lines[1]
+    assert (out / "base" / ".done").exists() and (out / "dvA" / ".done").exists()
+    assert len((out / "times.txt").read_text().splitlines()) == 2
+
+    proc, stages, _ = _run(tmp_path, out, ONLY="base dvA")  # done: nothing runs again
+    assert proc.returncode == 0 and stages == [] and "== dvA: done" in proc.stdout
+
+    proc, stages, _ = _run(tmp_path, out, ONLY="dvB", FAIL_ON="dvB")  # stopped part-way: not done
+    assert proc.returncode != 0 and stages == [f"{out}/dvB"] and not (out / "dvB" / ".done").exists()
+
+    proc, stages, lines = _run(tmp_path, out)  # every stage left, in order; the stopped one resumed
+    assert proc.returncode == 0, proc.stderr
+    assert [Path(s).name for s in stages] == ["dvB", "saA", "avA", "avB", "adA", "adB"]
+    assert "--resume" in lines[0] and all("--resume" not in line for line in lines[1:])
+    by = dict(zip((Path(s).name for s in stages), lines))
+    assert f"--init {out}/dvA/model.pt --init-policy {out}/dvA/policy.pt" in by["dvB"]
+    assert f"--init {out}/avA/model.pt" in by["avB"]
+    assert f"--init {out}/dvB/model.pt" in by["adA"]  # AdaViT starts from DynamicViT's backbone
+    assert f"--init-policy {out}/adA/checkpoint.pt" in by["adB"] and "calibrate=False" in by["adB"]
