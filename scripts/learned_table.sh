@@ -65,7 +65,7 @@ EOF
 done
 if [ "${TABLE:-1}" = 1 ] && [ -z "${ONLY:-}" ]; then
   echo "== table $(date +%H:%M:%S)"
-  "$PY" benchmarks/bench_learned.py --base "$OUT/base" --avit "$OUT/avB" --adavit "$OUT/adB" \
+  "$PY" "$(dirname "$0")/../benchmarks/bench_learned.py" --base "$OUT/base" --avit "$OUT/avB" --adavit "$OUT/adB" \
     --set adavit.threshold=0.7 --set adavit.layer_threshold=0.85 --sait "$OUT/saA" --sait-densities 0.97,0.9 \
     --dynamicvit "$OUT/dvB" --rounds 21 --json "$OUT/table.json"
 fi

@@ -976,8 +976,9 @@ def policy_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: to
     logits = torch.matmul(qf, kf.transpose(-1, -2)) * scale
     diag = (qf * kf).sum(-1, keepdim=True) * scale  # [B, H, N, 1]: each query's logit for itself
     if bias is not None:
-        logits = logits + bias.float()
-        diag = diag + bias.float().diagonal(dim1=-2, dim2=-1).unsqueeze(-1)
+        b = bias.float()
+        logits = logits + b
+        diag = diag + b.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)
     top = logits.detach().amax(dim=-1, keepdim=True)  # (a shift for range only: its gradient is O(eps))
     m = keep.float()[:, None, None, :]
     e = (logits - top).exp() * m  # [B, H, N, N]

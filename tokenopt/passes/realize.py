@@ -510,7 +510,8 @@ class RealizeTokens:
         att = blk.attention
         if state.soft is not None:  # a Mask (training form): DynamicViT's attention with a soft key mask
             mask = att.attn_mask
-            bool_mask = mask is not None and P.val(mask) is not None and P.val(mask).dtype == torch.bool
+            mask_val = P.val(mask) if mask is not None else None
+            bool_mask = mask_val is not None and mask_val.dtype == torch.bool
             if att.kind != "sdpa" or bool_mask or q is not None:
                 raise RewriteError(
                     f"block {blk.index} ({blk.module_path}): attention {att.core.name} is not a plain SDPA (with at "
