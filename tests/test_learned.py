@@ -146,6 +146,10 @@ def test_dynamicvit_training_graph_equals_the_equations_forward_and_gradients(vi
         assert torch.equal(k_got, k_want)  # the same hard samples
     assert 0 < float(want_keeps[-1].detach().mean()) < 1  # (and some tokens were dropped)
     torch.testing.assert_close(got["ratio"], 2.0 * want_ratio)
+    stats = tm.training_stats()  # the kept share of the patches per stage, as the equations kept them
+    assert list(stats) == [f"keep{s + 1}" for s in range(len(stages))]
+    for s, k_want in enumerate(want_keeps):
+        torch.testing.assert_close(stats[f"keep{s + 1}"], k_want.detach().float().mean())
     # gradients: task loss + ratio loss, into the backbone and into the predictors (straight-through)
     y = torch.tensor([0, 1, 2])
     (F.cross_entropy(out, y) + got["ratio"]).backward()
@@ -400,3 +404,4 @@ def test_a_composite_training_module_returns_its_parts_losses(vit):
                                    example_inputs=(torch.randn(2, 3, 64, 64),))
     tm(torch.randn(2, 3, 64, 64))
     assert set(tm.aux_losses()) == {"ponder", "prior"}
+    assert tm.training_stats() == {}  # (neither part reports statistics)

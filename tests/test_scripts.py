@@ -48,6 +48,7 @@ def test_learned_table_runs_each_stage_once_in_order_and_resumes_a_stopped_one(t
     assert "--init" not in lines[0] and "--policy" not in lines[0]  # the base: from scratch
     assert f"--init {out}/base/model.pt" in lines[1] and f"--teacher {out}/base/model.pt" in lines[1]
     assert "--policy dynamicvit" in lines[1] and "--resume" not in lines[1]
+    assert "--policy-lr-scale 10" in lines[1]  # (at 30x the keep-ratio loss climbs back: README, session 18)
     assert (out / "base" / ".done").exists() and (out / "dvA" / ".done").exists()
     assert len((out / "times.txt").read_text().splitlines()) == 2
 
@@ -64,5 +65,17 @@ def test_learned_table_runs_each_stage_once_in_order_and_resumes_a_stopped_one(t
     by = dict(zip((Path(s).name for s in stages), lines))
     assert f"--init {out}/dvA/model.pt --init-policy {out}/dvA/policy.pt" in by["dvB"]
     assert f"--init {out}/avA/model.pt" in by["avB"]
+    assert "--policy-lr-scale 10" in by["dvB"]
     assert f"--init {out}/dvB/model.pt" in by["adA"]  # AdaViT starts from DynamicViT's backbone
-    assert f"--init-policy {out}/adA/checkpoint.pt" in by["adB"] and "calibrate=False" in by["adB"]
+    assert "calibrate=False" in by["adA"]  # its gates as trained are where adB starts
+    assert f"--init-policy {out}/adA/policy.pt" in by["adB"] and "calibrate=False" in by["adB"]
+
+
+def test_runs_folder_keeps_a_finished_stage_but_not_its_checkpoint():
+    """OUT=runs/c192 carries the chain across fresh checkouts: the weights and logs a finished stage leaves
+    are committed, the 35 MB resume checkpoints are ignored."""
+    def ignored(path):
+        return subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT).returncode == 0
+    assert ignored("runs/c192/dvA/checkpoint.pt") and ignored("runs/c192/dvA/.model.pt.123.tmp")
+    assert not any(ignored(f"runs/c192/dvA/{name}") for name in ("model.pt", "policy.pt", "log.json", ".done"))
+    assert not ignored("runs/c192/dvA.log") and not ignored("runs/c192/times.txt")

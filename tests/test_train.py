@@ -78,6 +78,8 @@ def test_learned_policies_train_by_the_same_entry_point(tmp_path, policy):
     train(cfg, progress=False)
     record = _log(tmp_path / policy)[0]
     assert record["distill"] > 0 and ("ratio" in record) == (policy == "dynamicvit")
+    if policy == "dynamicvit":  # the kept share in training, logged beside the losses
+        assert 0 < record["train_keep1"] < 1 and "train_keep2" not in record
     has_state = os.path.exists(tmp_path / policy / "policy.pt")
     assert has_state == (policy == "dynamicvit")
     model = build_model(TrainConfig(depth=3, embed_dim=32))

@@ -243,8 +243,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
             loss.backward()
             opt.step()
             sched.step()
-            names = ["loss", "task", *sorted(aux)]  # (the same on every process: the policy's losses)
-            values = torch.stack([loss.detach(), task.detach(), *(aux[k].detach() for k in sorted(aux))])
+            # the policy's losses, then what its decisions used (train_<stat>: DynamicViT's kept share per
+            # stage, inference's rho ** s beside it in a log shows whether training prunes as inference does)
+            stats = {f"train_{k}": v.float() for k, v in net.training_stats().items()}
+            logged = {**aux, **stats}
+            names = ["loss", "task", *sorted(logged)]  # (the same on every process)
+            values = torch.stack([loss.detach(), task.detach(), *(logged[k].detach() for k in sorted(logged))])
             if world > 1:
                 dist.all_reduce(values)
                 values /= world

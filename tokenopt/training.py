@@ -65,6 +65,14 @@ class TrainingModule(OptimizedModule):
             raise RuntimeError("call the training module on a batch first; its losses come from that call")
         return self.meta["tokenopt.policy"].training_losses(aux)
 
+    def training_stats(self) -> dict[str, torch.Tensor]:
+        """What the policy's decisions used in the last call (:meth:`PolicyConfig.training_stats`: e.g.
+        DynamicViT's kept share per stage), for logs; not losses."""
+        aux = self.__dict__.get("aux")
+        if aux is None:
+            raise RuntimeError("call the training module on a batch first; its statistics come from that call")
+        return self.meta["tokenopt.policy"].training_stats(aux)
+
     @property
     def eval_graph(self) -> fx.GraphModule:
         """The graph ``eval()`` runs: the inference decisions, masked (this module's own graph when the

@@ -68,6 +68,11 @@ class PolicyConfig:
         the model's output (:mod:`tokenopt.training`); none by default."""
         return {}
 
+    def training_stats(self, aux: dict) -> dict:
+        """What the training graph's decisions used, from the same values (e.g. DynamicViT: the share of
+        patches each stage kept), for the training log beside the losses; not a loss. None by default."""
+        return {}
+
     def passes(self) -> list[Callable[[fx.GraphModule], Any]]:
         from tokenopt.passes.canonicalize import canonicalize_attention
 
@@ -100,6 +105,12 @@ class Composite(PolicyConfig):
         for part in self.parts:
             losses.update(part.training_losses(aux))
         return losses
+
+    def training_stats(self, aux: dict) -> dict:
+        stats: dict = {}
+        for part in self.parts:
+            stats.update(part.training_stats(aux))
+        return stats
 
     def default_mode(self):
         modes = {p.default_mode() for p in self.parts} - {None}

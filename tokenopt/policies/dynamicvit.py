@@ -156,6 +156,11 @@ class DynamicViT(PolicyConfig):
     def training_losses(self, aux: dict) -> dict:
         return dynamicvit_losses(self, list(aux.get("keep", ())))
 
+    def training_stats(self, aux: dict) -> dict:
+        """``keep<s>``: the share of the model's patches stage ``s`` kept in training (inference keeps
+        ``rho ** s``); far above it, the predictors keep in training what inference drops."""
+        return {f"keep{s + 1}": k.detach().float().mean() for s, k in enumerate(aux.get("keep", ()))}
+
 
 def dynamicvit_losses(config: DynamicViT, keeps: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     """The keep-ratio loss: ``ratio_weight / stages * sum_s mean_b((mean_j keep_s[b, j] - rho ** s) ** 2)``."""
