@@ -60,18 +60,18 @@ class TrainingModule(OptimizedModule):
 
     def aux_losses(self) -> dict[str, torch.Tensor]:
         """The policy's auxiliary losses of the last call, each already weighted by its config."""
-        aux = self.__dict__.get("aux")
-        if aux is None:
-            raise RuntimeError("call the training module on a batch first; its losses come from that call")
-        return self.meta["tokenopt.policy"].training_losses(aux)
+        return self.meta["tokenopt.policy"].training_losses(self._last_aux("losses"))
 
     def training_stats(self) -> dict[str, torch.Tensor]:
         """What the policy's decisions used in the last call (:meth:`PolicyConfig.training_stats`: e.g.
         DynamicViT's kept share per stage), for logs; not losses."""
+        return self.meta["tokenopt.policy"].training_stats(self._last_aux("statistics"))
+
+    def _last_aux(self, what: str) -> dict:
         aux = self.__dict__.get("aux")
         if aux is None:
-            raise RuntimeError("call the training module on a batch first; its statistics come from that call")
-        return self.meta["tokenopt.policy"].training_stats(aux)
+            raise RuntimeError(f"call the training module on a batch first; its {what} come from that call")
+        return aux
 
     @property
     def eval_graph(self) -> fx.GraphModule:

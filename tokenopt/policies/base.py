@@ -101,16 +101,10 @@ class Composite(PolicyConfig):
         return self.parts
 
     def training_losses(self, aux: dict) -> dict:
-        losses: dict = {}
-        for part in self.parts:
-            losses.update(part.training_losses(aux))
-        return losses
+        return {k: v for part in self.parts for k, v in part.training_losses(aux).items()}
 
     def training_stats(self, aux: dict) -> dict:
-        stats: dict = {}
-        for part in self.parts:
-            stats.update(part.training_stats(aux))
-        return stats
+        return {k: v for part in self.parts for k, v in part.training_stats(aux).items()}
 
     def default_mode(self):
         modes = {p.default_mode() for p in self.parts} - {None}
