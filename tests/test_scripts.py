@@ -28,6 +28,11 @@ exec {sys.executable} "$@"
 """
 
 
+def _sets(line):
+    """The policy options (``--set K=V``) of a recorded command line."""
+    return [part.split()[0] for part in line.split("--set ")[1:]]
+
+
 def _run(tmp_path, out, **env):
     fake = tmp_path / "fakepy"
     fake.write_text(FAKE)
@@ -43,6 +48,7 @@ def _run(tmp_path, out, **env):
 def test_learned_table_runs_each_stage_once_in_order_and_resumes_a_stopped_one(tmp_path):
     out = tmp_path / "runs"
     proc, stages, lines = _run(tmp_path, out, ONLY="base dvA")
+    dvA = lines[1]
     assert proc.returncode == 0, proc.stderr
     assert stages == [f"{out}/base", f"{out}/dvA"]
     assert "--init" not in lines[0] and "--policy" not in lines[0]  # the base: from scratch
@@ -66,6 +72,7 @@ def test_learned_table_runs_each_stage_once_in_order_and_resumes_a_stopped_one(t
     assert f"--init {out}/dvA/model.pt --init-policy {out}/dvA/policy.pt" in by["dvB"]
     assert f"--init {out}/avA/model.pt" in by["avB"]
     assert "--policy-lr-scale 10" in by["dvB"]
+    assert _sets(by["dvB"]) == _sets(dvA) and "blocks=" in by["dvB"]  # dvB goes on at dvA's operating point
     assert f"--init {out}/dvB/model.pt" in by["adA"]  # AdaViT starts from DynamicViT's backbone
     assert "calibrate=False" in by["adA"]  # its gates as trained are where adB starts
     assert f"--init-policy {out}/adA/policy.pt" in by["adB"] and "calibrate=False" in by["adB"]

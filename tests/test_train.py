@@ -92,6 +92,23 @@ def test_learned_policies_train_by_the_same_entry_point(tmp_path, policy):
     assert record["tokens_per_block"][1] < 197
 
 
+def test_a_log_file_gets_the_epochs_running_means(tmp_path, capsys):
+    """Written to a file (not a terminal), the progress display prints a line every 10% of an epoch with
+    the epoch's mean losses and statistics so far; the last line's means are the ones log.json records."""
+    from tokenopt.train import parse_args, train
+
+    args = ["--train-images", "640", "--test-images", "64", "--batch", "64", "--depth", "2", "--embed-dim", "32",
+            "--warmup-steps", "1", "--policy", "dynamicvit", "--set", "blocks=(0,)"]
+    train(parse_args(["--out", str(tmp_path / "run"), "--epochs", "1", *args]), progress=True)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch 1/1: ")]
+    assert [line.split(" steps")[0] for line in lines] == [f"epoch 1/1: {n}/10" for n in range(1, 11)]
+    record = _log(tmp_path / "run")[0]
+    printed = dict(item.rsplit(" ", 1) for item in lines[-1].split("steps/s, ")[1].split(", "))
+    assert set(printed) == {"loss", "task", "ratio", "train_keep1"}
+    for key, value in printed.items():
+        assert float(value) == pytest.approx(record[key], rel=1e-3), key
+
+
 def test_sait_sparse_steps_draw_their_density_from_a_range(tmp_path, monkeypatch):
     """``--set train_density=(low, high)``: every sparse (odd) step runs at a density drawn from the range,
     the draws differ, and the same seed draws the same ones (so runs and resumes repeat)."""

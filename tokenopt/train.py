@@ -254,7 +254,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                 values /= world
             for k, v in zip(names, values.tolist()):
                 sums[k] = sums.get(k, 0.0) + v
-            display.advance(f"loss {values[0].item():.4f}")
+            display.advance(f"loss {values[0].item():.4f}",  # (a log file: the epoch's means so far)
+                            lambda: ", ".join(f"{k} {v / (step + 1):.4g}" for k, v in sums.items()))
         display.stop()
         record = {"epoch": epoch + 1, **{k: v / steps_per_epoch for k, v in sums.items()},
                   "lr": sched.get_last_lr()[0], "seconds": round(time.time() - started, 1)}
@@ -377,13 +378,16 @@ class _Display:
         self.bar.start()
         self.task = self.bar.add_task(title, total=self.total, info="")
 
-    def advance(self, info: str) -> None:
+    def advance(self, info: str, means=None) -> None:
+        """One step done; ``info`` for the bar, ``means()`` (the epoch's mean losses and statistics so far)
+        for a log file's line, which comes every 10% of the epoch."""
         self.done += 1
         if self.bar is not None:
             self.bar.update(self.task, advance=1, info=info)
         elif self.plain and (self.done % max(1, self.total // 10) == 0 or self.done == self.total):
             rate = self.done / max(time.time() - self.started, 1e-9)
-            print(f"{self.title}: {self.done}/{self.total} steps, {rate:.2f} steps/s, {info}", flush=True)
+            print(f"{self.title}: {self.done}/{self.total} steps, {rate:.2f} steps/s, "
+                  f"{means() if means is not None else info}", flush=True)
 
     def stop(self) -> None:
         if self.bar is not None:
