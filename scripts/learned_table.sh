@@ -22,8 +22,9 @@
 #   dvA   DynamicViT rho 0.5 after blocks 2 and 3 (98 then 49 of the 196 patches), 1 epoch, lr 1e-4,
 #         predictors at 10x                                             (from base)
 #   dvB   the same, 1 epoch, lr 5e-5                                     (from dvA, its predictors)
-#         (the operating point: on this base, training-free top-k at the default blocks (1, 2, 3), rho 0.75,
-#         cost 7.7 points, at (2, 3), rho 0.5, 1.6, for fewer FLOPs: README, session 19)
+#         (the operating point: on this base, pruning by CLS attention at DynamicViT's counts and places,
+#         untrained, costs 8.1 points at the default blocks (1, 2, 3) with rho 0.75, FLOPs 0.72, and 1.6
+#         points after (2, 3) with rho 0.5, FLOPs 0.68: benchmarks/probe_operating_points.py, README session 19)
 #   saA   SaiT, one pruning point after block 2, sparse steps at densities drawn from (0.93, 0.995),
 #         2 epochs, lr 1e-4                                             (from base)
 #   avA   A-ViT, 2 epochs, lr 1.5e-4, ponder weight 3e-4                 (from base)

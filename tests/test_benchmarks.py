@@ -210,3 +210,34 @@ def test_probe_selection_keeping_every_token_is_the_model_and_its_oracle_path_is
                         "--batch", "50", "--seeds", "1", "--json", str(out)])
     finally:
         probe.cls_attention = true_scores
+
+
+def test_probe_operating_points_proxy_is_the_model_unpruned_and_ranks_by_the_graphs_cls_attention():
+    """DynamicViT's operating-point proxy: with no pruning it is the model; its CLS attention equals the one
+    read off the captured graph's q and k (``probe_selection.cls_attention``); its token counts are
+    ``DynamicViT``'s graph's at the same point."""
+    import timm
+    import torch
+
+    import tokenopt
+
+    probe = _load("probe_operating_points")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, depth=4,
+                              num_classes=10).eval()
+    x = torch.randn(3, 3, 32, 32)
+    logits, counts = probe.pruned_logits(model, x, 1.0, ())
+    assert torch.allclose(logits, model(x), atol=1e-5) and counts == [65] * 4
+    h = model.norm_pre(model._pos_embed(model.patch_embed(x)))
+    for block in model.blocks[:2]:
+        h = block(h)
+    dense = tokenopt.optimize(model, policy="none", example_inputs=(x,))
+    reference = _load("probe_selection").cls_attention(dense, x, [2])[2][:, 0, 1:]
+    assert torch.allclose(probe.cls_attention(model.blocks[2], h), reference, atol=1e-5)
+    logits, counts = probe.pruned_logits(model, x, 0.5, (1, 2))
+    assert counts == [65, 65, 33, 17] and logits.shape == (3, 10)
+    gm = tokenopt.optimize(model, policy=tokenopt.DynamicViT(rho=0.5, blocks=(1, 2)), example_inputs=(x,))
+    assert [int(c.float().mean()) for c in tokenopt.token_counts(gm, x).values()] == counts
+    assert probe.parse_points("0.5@2,3 0.4@2") == [(0.5, (2, 3)), (0.4, (2,))]
+    with pytest.raises(SystemExit, match="RHO@BLOCK"):
+        probe.parse_points("0.5")
