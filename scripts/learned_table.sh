@@ -25,6 +25,8 @@
 #         (the operating point: on this base, pruning by CLS attention at DynamicViT's counts and places,
 #         untrained, costs 8.1 points at the default blocks (1, 2, 3) with rho 0.75, FLOPs 0.72, and 1.6
 #         points after (2, 3) with rho 0.5, FLOPs 0.68: benchmarks/probe_operating_points.py, README session 19)
+#         (open: dvA there scored 77.90% after 1 epoch, base 83.28%: its predictors kept 72/61% of the patches
+#         in training against inference's 50/25%, ratio loss 0.205; README, session 19)
 #   saA   SaiT, one pruning point after block 2, sparse steps at densities drawn from (0.93, 0.995),
 #         2 epochs, lr 1e-4                                             (from base)
 #   avA   A-ViT, 2 epochs, lr 1.5e-4, ponder weight 3e-4                 (from base)
