@@ -48,9 +48,9 @@ def _run(tmp_path, out, **env):
 def test_learned_table_runs_each_stage_once_in_order_and_resumes_a_stopped_one(tmp_path):
     out = tmp_path / "runs"
     proc, stages, lines = _run(tmp_path, out, ONLY="base dvA")
-    dvA = lines[1]
     assert proc.returncode == 0, proc.stderr
     assert stages == [f"{out}/base", f"{out}/dvA"]
+    dvA = lines[1]
     assert "--init" not in lines[0] and "--policy" not in lines[0]  # the base: from scratch
     assert f"--init {out}/base/model.pt" in lines[1] and f"--teacher {out}/base/model.pt" in lines[1]
     assert "--policy dynamicvit" in lines[1] and "--resume" not in lines[1]
