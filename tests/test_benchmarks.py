@@ -241,3 +241,45 @@ def test_probe_operating_points_proxy_is_the_model_unpruned_and_ranks_by_the_gra
     assert probe.parse_points("0.5@2,3 0.4@2") == [(0.5, (2, 3)), (0.4, (2,))]
     with pytest.raises(SystemExit, match="RHO@BLOCK"):
         probe.parse_points("0.5")
+
+
+def test_probe_dynamicvit_gradients_reads_the_whole_task_gradient_at_the_predictors_output():
+    """The per-token gradients the probe reports are all of the task gradient the predictor gets: summed over
+    the tokens they are autograd's gradient on ``fc3``'s keep bias (the same Gumbel noise); the
+    ratio gradient is per unit weight (the same at weights 2 and 200); the spread's numbers are right."""
+    import timm
+    import torch
+    import torch.nn.functional as F
+
+    import tokenopt
+
+    probe = _load("probe_dynamicvit_gradients")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, depth=4,
+                              num_classes=10).eval()
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 3, 5, 9])
+    teacher = F.log_softmax(model(x).detach(), -1)
+    found = {}
+    for weight in (2.0, 200.0):
+        torch.manual_seed(1)
+        tm = tokenopt.prepare_training(model, tokenopt.DynamicViT(rho=0.5, blocks=(1, 2), ratio_weight=weight),
+                                       example_inputs=(x[:2],))
+        torch.manual_seed(2)  # (the same Gumbel noise for both weights)
+        found[weight] = probe.predictor_gradients(tm, x, y, teacher, 0.5, weight)
+    r = found[2.0]
+    assert sorted(r) == ["predictor0", "predictor1"]
+    assert abs(r["predictor0"]["ratio"] - found[200.0]["predictor0"]["ratio"]) <= 1e-5 * r["predictor0"]["ratio"]
+    # the per-token gradients on the keep logit sum to autograd's gradient on fc3's keep bias
+    torch.manual_seed(1)
+    tm = tokenopt.prepare_training(model, tokenopt.DynamicViT(rho=0.5, blocks=(1, 2), ratio_weight=2.0),
+                                   example_inputs=(x[:2],))
+    pred = dict(tm.named_modules())["tokenopt_dynamicvit.predictor0"]
+    torch.manual_seed(2)
+    logits = tm(x).float()
+    task = F.cross_entropy(logits, y) + 0.5 * F.kl_div(F.log_softmax(logits, -1), teacher, reduction="batchmean",
+                                                       log_target=True)
+    (bias_grad,) = torch.autograd.grad(task, [pred.fc3.bias])
+    assert bias_grad.abs().max() > 0
+    assert torch.allclose(r["predictor0"]["tokens"].sum(), bias_grad[0], atol=1e-7, rtol=1e-4)
+    s = probe.spread(torch.tensor([[1.0] * 99 + [-901.0]]))
+    assert s["median"] == 1.0 and s["max"] == 901.0 and abs(s["top1%"] - 0.901) < 1e-6

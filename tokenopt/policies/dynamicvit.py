@@ -74,7 +74,12 @@ class DynamicViT(PolicyConfig):
         blocks: prune after these blocks (0-based), so the next block runs on fewer tokens; default
             after blocks ``round(depth * s / 4) - 1`` for s = 1, 2, 3 (DeiT's 12 blocks: after 3, 6 and 9,
             1-based, i.e. before blocks 4, 7, 10 as in the paper).
-        ratio_weight: weight of the keep-ratio loss (authors' default 2.0), averaged over stages.
+        ratio_weight: weight of the keep-ratio loss (authors' default 2.0), averaged over stages. The task's
+            straight-through gradient on the predictors can dwarf it (a few dropped tokens whose keys
+            dominate an attention row carry nearly all of it), and then training keeps more tokens than
+            inference does; ``benchmarks/probe_dynamicvit_gradients.py`` measures the weight at which the
+            two balance for a model (the Fashion-MNIST ViT of ``scripts/learned_table.sh``: 3e3 to 1e6, so
+            that script trains at 20000).
         distill_weight: weight of the distillation losses when training with a teacher (0.5).
 
     Example:
