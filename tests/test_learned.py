@@ -405,3 +405,67 @@ def test_a_composite_training_module_returns_its_parts_losses(vit):
     tm(torch.randn(2, 3, 64, 64))
     assert set(tm.aux_losses()) == {"ponder", "prior"}
     assert tm.training_stats() == {}  # (neither part reports statistics)
+
+
+def test_dynamicvit_attention_loss_equals_the_equations_and_leaves_the_counts_to_the_ratio_loss(vit):
+    """``attention_weight``: at each stage, KL from the head-averaged CLS attention of the block just run
+    (renormalised over the patches still kept) to the softmax over those patches of the predictor's
+    keep-minus-drop logit; its gradient reaches the predictors (and the backbone through their input, not
+    through the target), and
+    a shift of every logit (what the ratio loss moves) does not change it. Off (0): no such loss."""
+    model = copy.deepcopy(vit).train()
+    cfg = tokenopt.DynamicViT(rho=0.6, attention_weight=3.0)
+    x = torch.randn(3, 3, 64, 64)
+    tm = tokenopt.prepare_training(model, policy=cfg, example_inputs=(x,))
+    stages = cfg.stages(4)
+    preds = [tm.get_submodule(f"tokenopt_dynamicvit.predictor{s}") for s in range(len(stages))]
+    torch.manual_seed(7)
+    tm(x)
+    got = tm.aux_losses()
+    assert sorted(got) == ["attention", "ratio"]
+    # the equations, from the same weights and the same hard samples
+    ref = copy.deepcopy(model).train()
+    ref.load_state_dict(tm.model_state_dict())
+    preds_ref = copy.deepcopy(preds)
+    blocks = _timm_blocks(ref)
+    h = _embed(ref, x)
+    b, n, _ = h.shape
+    prev, policy, want = torch.ones(b, n - 1, 1), None, []
+    for i, blk in enumerate(blocks):
+        q, k, _ = blk.qkv(blk.norm1(h))
+        cls = ((q[:, :, :1] @ k.transpose(-1, -2)) * blk.scale).softmax(-1).mean(1)[:, 0, 1:]  # [B, P]
+        if policy is None:
+            h = _block(blk, h, lambda q, k, v: F.scaled_dot_product_attention(q, k, v, scale=blk.scale))
+        else:
+            h = _block(blk, h, lambda q, k, v: _policy_softmax(q, k, v, blk.scale, policy))
+        if i in stages:
+            s = stages.index(i)
+            logp = _predict(preds_ref[s], h[:, 1:], prev)
+            kept = prev[..., 0]
+            a = cls.detach() * kept  # (a fixed target)
+            a = a / a.sum(1, keepdim=True)
+            z = logp[..., 0] - logp[..., 1]
+            logq = torch.where(kept > 0, z, torch.full_like(z, -math.inf)).log_softmax(1)
+            want.append(torch.where(kept > 0, a * (a.log() - logq), torch.zeros_like(a)).sum(1).mean())
+            hard = tm.aux["keep"][s].detach()[..., None]
+            policy = torch.cat([torch.ones(b, 1), hard[..., 0]], 1)
+            prev = hard
+    assert 0 < float(prev.mean()) < 1  # (stage 2 saw dropped patches)
+    torch.testing.assert_close(got["attention"], 3.0 * sum(want) / len(want), atol=1e-5, rtol=1e-5)
+    got["attention"].backward()
+    (3.0 * sum(want) / len(want)).backward()
+    assert all(p.fc3.weight.grad is not None and p.fc3.weight.grad.abs().sum() > 0 for p in preds)
+    for p, q in zip(preds, preds_ref):
+        torch.testing.assert_close(p.fc3.weight.grad, q.fc3.weight.grad, atol=1e-6, rtol=1e-4)
+    # the backbone gets the predictors' input's gradient only (the target is fixed)
+    torch.testing.assert_close(tm.get_parameter("blocks.0.attn.qkv.weight").grad,
+                               ref.get_parameter("blocks.0.attn.qkv.weight").grad, atol=1e-7, rtol=1e-4)
+    # a shift of every logit leaves it unchanged
+    from tokenopt.policies.dynamicvit import attention_rank_loss
+    cls, logp, kept = torch.rand(2, 5), torch.randn(2, 5, 2).log_softmax(-1), torch.tensor([[1., 1, 0, 1, 1]] * 2)
+    shifted = torch.stack([logp[..., 0] + 2.0, logp[..., 1]], -1)
+    torch.testing.assert_close(attention_rank_loss(cls, logp, kept), attention_rank_loss(cls, shifted, kept))
+    assert float(attention_rank_loss(cls, torch.stack([cls.log(), torch.zeros_like(cls)], -1), kept)) < 1e-6
+    tm0 = tokenopt.prepare_training(model, policy=tokenopt.DynamicViT(rho=0.6), example_inputs=(x,))
+    tm0(x)
+    assert sorted(tm0.aux_losses()) == ["ratio"]

@@ -31,7 +31,7 @@ from tokenopt.passes.realize import RewriteError
 from tokenopt.policies._checks import check_blocks
 from tokenopt.policies.base import PolicyConfig, register_policy
 
-__all__ = ["DynamicViT", "Predictor", "dynamicvit_losses"]
+__all__ = ["DynamicViT", "Predictor", "attention_rank_loss", "dynamicvit_losses"]
 
 aten = torch.ops.aten
 
@@ -81,6 +81,12 @@ class DynamicViT(PolicyConfig):
             two balance for a model (the Fashion-MNIST ViT of ``scripts/learned_table.sh``: 3e3 to 1e6, so
             that script trains at 20000).
         distill_weight: weight of the distillation losses when training with a teacher (0.5).
+        attention_weight: weight of an extra training loss, not in the paper (0: none, the authors'
+            method): at each stage the KL divergence from the head-averaged CLS attention of the block just
+            run (over the kept patches, a fixed target) to the softmax over the kept patches of the
+            predictor's keep-minus-drop logit, so the predictors start from the ranking that CLS-attention
+            top-k already prunes well with (README, session 20). It shapes only the ranking: a shift of
+            every logit leaves it unchanged, so the counts stay the keep-ratio loss's.
 
     Example:
         >>> import tokenopt
@@ -92,6 +98,7 @@ class DynamicViT(PolicyConfig):
     blocks: Optional[tuple[int, ...]] = None
     ratio_weight: float = 2.0
     distill_weight: float = 0.5
+    attention_weight: float = 0.0
     name = "dynamicvit"
     site = "post_block"
     decides_differently_in_training = True
@@ -100,7 +107,7 @@ class DynamicViT(PolicyConfig):
         if isinstance(self.rho, bool) or not isinstance(self.rho, (int, float)) or not 0 < self.rho < 1:
             raise ValueError(f"dynamicvit: rho must be a float in (0, 1), the share kept per stage; got {self.rho!r}. "
                              "Example: rho=0.7")
-        for field in ("ratio_weight", "distill_weight"):
+        for field in ("ratio_weight", "distill_weight", "attention_weight"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"dynamicvit: {field} must be a number >= 0; got {value!r}")
@@ -141,6 +148,11 @@ class DynamicViT(PolicyConfig):
             hard = ctx.call(torch.ops.tokenopt.gumbel_keep.default, logp, gumbel)
             keep = ctx.call(aten.mul.Tensor, hard, ctx.call(aten.squeeze.dim, w, -1))  # once dropped, dropped
             ctx.aux("keep", keep)
+            if self.attention_weight:
+                cls = ctx.call(aten.mean.dim, ctx.cls_attention(), [1])  # [B, L], over the current tokens
+                ctx.aux("cls_attention", ctx.call(aten.slice.Tensor, cls, 1, p, None))
+                ctx.aux("logp", logp)
+                ctx.aux("kept", ctx.call(aten.squeeze.dim, w, -1))
             if p:
                 prefix = ctx.call(aten.ones_like.default, ctx.call(aten.slice.Tensor, ctx.call(aten.select.int, x, -1, 0), 1, 0, p),
                                   dtype=torch.float32)
@@ -159,7 +171,11 @@ class DynamicViT(PolicyConfig):
         return Keep(idx, p + count)
 
     def training_losses(self, aux: dict) -> dict:
-        return dynamicvit_losses(self, list(aux.get("keep", ())))
+        losses = dynamicvit_losses(self, list(aux.get("keep", ())))
+        if self.attention_weight and aux.get("cls_attention"):
+            stages = list(zip(aux["cls_attention"], aux["logp"], aux["kept"]))
+            losses["attention"] = self.attention_weight * sum(attention_rank_loss(*s) for s in stages) / len(stages)
+        return losses
 
     def training_stats(self, aux: dict) -> dict:
         """``keep<s>``: the share of the model's patches stage ``s`` kept in training (inference keeps
@@ -173,3 +189,14 @@ def dynamicvit_losses(config: DynamicViT, keeps: list[torch.Tensor]) -> dict[str
         return {}
     loss = sum(((k.float().mean(dim=1) - config.rho ** (s + 1)) ** 2).mean() for s, k in enumerate(keeps))
     return {"ratio": config.ratio_weight * loss / len(keeps)}
+
+
+def attention_rank_loss(cls: torch.Tensor, logp: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """``mean_b KL(a_b || softmax_j(z_b))`` over the kept patches: ``a`` the CLS attention ``cls`` ``[B, P]``
+    renormalised over the patches still kept (``kept`` ``[B, P]``, 0 or 1; a fixed target), ``z`` the
+    predictor's keep-minus-drop logit from ``logp`` ``[B, P, 2]``."""
+    on = kept > 0
+    a = cls.detach().float() * on
+    a = a / a.sum(1, keepdim=True).clamp_min(1e-12)
+    z = (logp[..., 0] - logp[..., 1]).float().masked_fill(~on, -1e4)  # (finite: a is 0 there, 0 * -1e4 = 0)
+    return (a * (a.clamp_min(1e-12).log() - z.log_softmax(1))).sum(1).mean()
