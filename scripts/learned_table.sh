@@ -20,7 +20,8 @@
 # a GPU):
 #   base  3 epochs from scratch
 #   dvA   DynamicViT rho 0.5 after blocks 2 and 3 (98 then 49 of the 196 patches), keep-ratio weight
-#         20000, the CLS-attention ranking loss at 20000 (attention_weight), 1 epoch, lr 1e-4, predictors
+#         20000, the CLS-attention ranking loss at 20000 (attention_weight), both kept out of the backbone
+#         (detach_predictors), 1 epoch, lr 1e-4, predictors
 #         at 10x                                                         (from base)
 #   dvB   the same, 1 epoch, lr 5e-5                                     (from dvA, its predictors)
 #         (the operating point: on this base, pruning by CLS attention at DynamicViT's counts and places,
@@ -50,8 +51,8 @@ T=$OUT/base/model.pt
 FT="--distill --teacher $T --warmup-steps 30"
 stages=(
   "base  --epochs 3"
-  "dvA   --epochs 1 --init $T $FT --policy dynamicvit --set rho=0.5 --set blocks=(2,3) --set ratio_weight=20000 --set attention_weight=20000 --lr 1e-4 --policy-lr-scale 10"
-  "dvB   --epochs 1 --init $OUT/dvA/model.pt --init-policy $OUT/dvA/policy.pt $FT --policy dynamicvit --set rho=0.5 --set blocks=(2,3) --set ratio_weight=20000 --set attention_weight=20000 --lr 5e-5 --policy-lr-scale 10"
+  "dvA   --epochs 1 --init $T $FT --policy dynamicvit --set rho=0.5 --set blocks=(2,3) --set ratio_weight=20000 --set attention_weight=20000 --set detach_predictors=True --lr 1e-4 --policy-lr-scale 10"
+  "dvB   --epochs 1 --init $OUT/dvA/model.pt --init-policy $OUT/dvA/policy.pt $FT --policy dynamicvit --set rho=0.5 --set blocks=(2,3) --set ratio_weight=20000 --set attention_weight=20000 --set detach_predictors=True --lr 5e-5 --policy-lr-scale 10"
   "saA   --epochs 2 --init $T $FT --policy sait --set density=0.97 --set train_density=(0.93,0.995) --set blocks=(2,) --lr 1e-4"
   "avA   --epochs 2 --init $T $FT --policy avit --set gamma=10 --set beta=1 --set prior_mean=2.5 --set ponder_weight=0.0003 --lr 1.5e-4"
   "avB   --epochs 2 --init $OUT/avA/model.pt $FT --policy avit --set gamma=10 --set beta=1 --set prior_mean=2.5 --set ponder_weight=0.0005 --lr 7e-5"

@@ -469,3 +469,24 @@ def test_dynamicvit_attention_loss_equals_the_equations_and_leaves_the_counts_to
     tm0 = tokenopt.prepare_training(model, policy=tokenopt.DynamicViT(rho=0.6), example_inputs=(x,))
     tm0(x)
     assert sorted(tm0.aux_losses()) == ["ratio"]
+
+
+def test_dynamicvit_detach_predictors_keeps_their_losses_out_of_the_backbone(vit):
+    """``detach_predictors``: the same forward, the same predictor gradients from the ratio and attention
+    losses, and none of those losses' gradient in the blocks before the predictors (without it, some)."""
+    x = torch.randn(3, 3, 64, 64)
+    grads = {}
+    for detach in (False, True):
+        cfg = tokenopt.DynamicViT(rho=0.6, attention_weight=3.0, detach_predictors=detach)
+        tm = tokenopt.prepare_training(copy.deepcopy(vit).train(), policy=cfg, example_inputs=(x,))
+        torch.manual_seed(7)
+        out = tm(x)
+        sum(tm.aux_losses().values()).backward()
+        grads[detach] = (out.detach(), tm.get_parameter("blocks.0.attn.qkv.weight").grad,
+                         tm.get_submodule("tokenopt_dynamicvit.predictor0").fc3.weight.grad)
+    torch.testing.assert_close(grads[True][0], grads[False][0])
+    torch.testing.assert_close(grads[True][2], grads[False][2])
+    assert grads[False][1] is not None and grads[False][1].abs().sum() > 0
+    assert grads[True][1] is None or grads[True][1].abs().sum() == 0
+    with pytest.raises(ValueError, match="detach_predictors"):
+        tokenopt.DynamicViT(detach_predictors=1)

@@ -87,6 +87,10 @@ class DynamicViT(PolicyConfig):
             predictor's keep-minus-drop logit, so the predictors start from the ranking that CLS-attention
             top-k already prunes well with (README, session 20). It shapes only the ranking: a shift of
             every logit leaves it unchanged, so the counts stay the keep-ratio loss's.
+        detach_predictors: in training the predictors read the residual stream without passing gradient
+            back into it (not in the paper: there the task, ratio and any ranking loss reach the earlier
+            blocks through the predictors' input). With large ratio or attention weights this keeps those
+            losses from reshaping the backbone; the predictors still learn from all of them.
 
     Example:
         >>> import tokenopt
@@ -99,6 +103,7 @@ class DynamicViT(PolicyConfig):
     ratio_weight: float = 2.0
     distill_weight: float = 0.5
     attention_weight: float = 0.0
+    detach_predictors: bool = False
     name = "dynamicvit"
     site = "post_block"
     decides_differently_in_training = True
@@ -111,6 +116,8 @@ class DynamicViT(PolicyConfig):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"dynamicvit: {field} must be a number >= 0; got {value!r}")
+        if not isinstance(self.detach_predictors, bool):
+            raise ValueError(f"dynamicvit: detach_predictors must be True or False; got {self.detach_predictors!r}")
         object.__setattr__(self, "blocks", check_blocks(self.name, self.blocks))
 
     def default_blocks(self, depth):
@@ -135,6 +142,8 @@ class DynamicViT(PolicyConfig):
         dim = ctx.width
         predictor = ctx.module(f"predictor{stage}", lambda: Predictor(dim))
         patches = ctx.call(aten.slice.Tensor, x, 1, p, None)
+        if self.detach_predictors and ctx.training:
+            patches = ctx.call(aten.detach.default, patches)
         weights = ctx.token_weights()  # [B, L] float (training mask or validity), None: every token is real
         if weights is None:
             ones = ctx.call(aten.ones_like.default, ctx.call(aten.select.int, patches, -1, 0), dtype=torch.float32)
