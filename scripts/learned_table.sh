@@ -31,7 +31,8 @@
 #         inference's 50/25%; the task's gradient on the predictors is 3e3 to 1e6 times the ratio loss's at
 #         weight 1, almost all of it from 1% of the tokens: benchmarks/probe_dynamicvit_gradients.py, README
 #         session 20; the ratio weight alone, 20000, kept 50/25% in training and scored 78.92%: the
-#         predictors ranked worse than CLS attention does untrained, hence the ranking loss)
+#         predictors ranked worse than CLS attention does untrained, hence the ranking loss; with it and
+#         detach_predictors dvA scored 82.55%)
 #   saA   SaiT, one pruning point after block 2, sparse steps at densities drawn from (0.93, 0.995),
 #         2 epochs, lr 1e-4                                             (from base)
 #   avA   A-ViT, 2 epochs, lr 1.5e-4, ponder weight 3e-4                 (from base)
