@@ -26,6 +26,8 @@ import argparse
 import torch
 import torch.nn.functional as F
 
+from tokenopt.train import distillation
+
 
 def predictor_gradients(tm, x, y, teacher_logp, distill_weight: float, ratio_weight: float) -> dict[str, dict]:
     """Per predictor: ``task`` and ``ratio`` (weight 1) gradient norms on its parameters, and ``tokens``: the
@@ -44,8 +46,7 @@ def predictor_gradients(tm, x, y, teacher_logp, distill_weight: float, ratio_wei
             h.remove()
     task = F.cross_entropy(logits, y)
     if teacher_logp is not None:
-        task = task + distill_weight * F.kl_div(F.log_softmax(logits, -1), teacher_logp, reduction="batchmean",
-                                                log_target=True)
+        task = task + distillation(logits, teacher_logp, distill_weight)
     ratio = tm.aux_losses()["ratio"] / ratio_weight
     result = {}
     for name, m in predictors.items():
@@ -64,7 +65,7 @@ def spread(tokens: torch.Tensor) -> dict[str, float]:
     a = tokens.abs().flatten().sort().values
     q = lambda p: float(a[int(p * (len(a) - 1))])
     top = max(1, len(a) // 100)
-    return {"median": q(0.5), "p90": q(0.9), "p99": q(0.99), "max": float(a[-1]),
+    return {"median": q(0.5), "p99": q(0.99), "max": float(a[-1]),
             "top1%": float(a[-top:].sum() / a.sum().clamp_min(1e-30))}
 
 

@@ -80,6 +80,11 @@ class TrainConfig:
     device: str = "auto"  # "auto" (CUDA when there is one), "cpu", "cuda"; under torchrun: each rank its local GPU
 
 
+def distillation(logits: torch.Tensor, teacher_logp: torch.Tensor, weight: float) -> torch.Tensor:
+    """``weight * KL(teacher || student)`` per image (``batchmean``), the teacher given as log-probabilities."""
+    return weight * F.kl_div(F.log_softmax(logits, dim=-1), teacher_logp, reduction="batchmean", log_target=True)
+
+
 def build_model(cfg: TrainConfig) -> torch.nn.Module:
     import timm
 
@@ -236,8 +241,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
             if teacher is not None:
                 with torch.no_grad(), autocast():
                     target = F.log_softmax(teacher(train_x[idx]).float(), dim=-1)
-                aux["distill"] = distill_weight * F.kl_div(F.log_softmax(logits, dim=-1), target,
-                                                           reduction="batchmean", log_target=True)
+                aux["distill"] = distillation(logits, target, distill_weight)
             loss = task + sum(aux.values(), torch.zeros((), device=device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
