@@ -126,13 +126,17 @@ def dynamicvit_train_reference(model, preds, img, stages, rho):
     return logits, keeps, ratio
 
 
-def test_dynamicvit_training_graph_equals_the_equations_forward_and_gradients(vit):
-    model = copy.deepcopy(vit).train()
-    cfg = tokenopt.DynamicViT(rho=0.6, ratio_weight=2.0)
-    x = torch.randn(3, 3, 64, 64)
+def _dynamicvit_training(model, cfg, x):
+    """``prepare_training`` of a 4-block ``model`` under DynamicViT ``cfg``: the module, its stages, its predictors."""
     tm = tokenopt.prepare_training(model, policy=cfg, example_inputs=(x,))
     stages = cfg.stages(4)
-    preds = [tm.get_submodule(f"tokenopt_dynamicvit.predictor{s}") for s in range(len(stages))]
+    return tm, stages, [tm.get_submodule(f"tokenopt_dynamicvit.predictor{s}") for s in range(len(stages))]
+
+
+def test_dynamicvit_training_graph_equals_the_equations_forward_and_gradients(vit):
+    model, x = copy.deepcopy(vit).train(), torch.randn(3, 3, 64, 64)
+    cfg = tokenopt.DynamicViT(rho=0.6, ratio_weight=2.0)
+    tm, stages, preds = _dynamicvit_training(model, cfg, x)
     torch.manual_seed(7)
     out = tm(x)
     got = tm.aux_losses()
@@ -413,12 +417,9 @@ def test_dynamicvit_attention_loss_equals_the_equations_and_leaves_the_counts_to
     keep-minus-drop logit; its gradient reaches the predictors (and the backbone through their input, not
     through the target), and
     a shift of every logit (what the ratio loss moves) does not change it. Off (0): no such loss."""
-    model = copy.deepcopy(vit).train()
+    model, x = copy.deepcopy(vit).train(), torch.randn(3, 3, 64, 64)
     cfg = tokenopt.DynamicViT(rho=0.6, attention_weight=3.0)
-    x = torch.randn(3, 3, 64, 64)
-    tm = tokenopt.prepare_training(model, policy=cfg, example_inputs=(x,))
-    stages = cfg.stages(4)
-    preds = [tm.get_submodule(f"tokenopt_dynamicvit.predictor{s}") for s in range(len(stages))]
+    tm, stages, preds = _dynamicvit_training(model, cfg, x)
     torch.manual_seed(7)
     tm(x)
     got = tm.aux_losses()
