@@ -210,13 +210,12 @@ def dynamicvit_inference_reference(model, preds, img, stages, rho):
 def test_dynamicvit_inference_graph_equals_the_equations(vit):
     cfg = tokenopt.DynamicViT(rho=0.7)
     x = torch.randn(3, 3, 64, 64)
-    tm = tokenopt.prepare_training(copy.deepcopy(vit), policy=cfg, example_inputs=(x,))
+    tm, _, preds = _dynamicvit_training(copy.deepcopy(vit), cfg, x)
     with torch.no_grad():  # predictors whose ranking differs from token to token
         for p in tm.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     model = copy.deepcopy(vit)
     model.load_state_dict(tm.model_state_dict(), strict=True)
-    preds = [tm.get_submodule(f"tokenopt_dynamicvit.predictor{s}") for s in range(len(cfg.stages(4)))]
     gm = tokenopt.optimize(model, policy=cfg, example_inputs=(x,), policy_state=tm.policy_state_dict())
     with torch.no_grad():
         want = dynamicvit_inference_reference(model, preds, x, cfg.stages(4), 0.7)
