@@ -66,7 +66,7 @@ def test_learned_table_runs_each_stage_once_in_order_and_resumes_a_stopped_one(t
 
     proc, stages, lines = _run(tmp_path, out)  # every stage left, in order; the stopped one resumed
     assert proc.returncode == 0, proc.stderr
-    assert [Path(s).name for s in stages] == ["dvB", "saA", "avA", "avB", "adA", "adB"]
+    assert [Path(s).name for s in stages] == ["dvB", "saA", "avA", "avB", "adA", "adB", "adC"]
     assert "--resume" in lines[0] and all("--resume" not in line for line in lines[1:])
     by = dict(zip((Path(s).name for s in stages), lines))
     assert f"--init {out}/dvA/model.pt --init-policy {out}/dvA/policy.pt" in by["dvB"]
@@ -76,6 +76,9 @@ def test_learned_table_runs_each_stage_once_in_order_and_resumes_a_stopped_one(t
     assert f"--init {out}/dvB/model.pt" in by["adA"]  # AdaViT starts from DynamicViT's backbone
     assert "calibrate=False" in by["adA"]  # its gates as trained are where adB starts
     assert f"--init-policy {out}/adA/policy.pt" in by["adB"] and "calibrate=False" in by["adB"]
+    assert f"--init {out}/adB/model.pt --init-policy {out}/adB/policy.pt" in by["adC"]  # adC goes on from adB
+    targets = [dict(kv.split("=") for kv in _sets(by[name])) for name in ("adB", "adC")]
+    assert float(targets[1]["token_target"]) < float(targets[0]["token_target"])  # at lower usage targets
 
 
 def test_runs_folder_keeps_a_finished_stage_but_not_its_checkpoint():
