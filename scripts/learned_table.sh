@@ -85,6 +85,6 @@ EOF
 done
 if [ "${TABLE:-1}" = 1 ] && [ -z "${ONLY:-}" ]; then
   echo "== table $(date +%H:%M:%S)"
-  "$PY" "$(dirname "$0")/../benchmarks/bench_learned.py" --base "$OUT/base" --avit "$OUT/avB" --adavit "$OUT/adC" --sait "$OUT/saA" --sait-densities 0.97,0.9 \
-    --dynamicvit "$OUT/dvB" --rounds 21 --json "$OUT/table.json"
+  "$PY" "$(dirname "$0")/../benchmarks/bench_learned.py" --base "$OUT/base" --avit "$OUT/avB" --adavit "$OUT/adC" \
+    --sait "$OUT/saA" --sait-densities 0.97,0.9 --dynamicvit "$OUT/dvB" --rounds 21 --json "$OUT/table.json"
 fi
