@@ -20,7 +20,7 @@ skipped, and said.
 (``mallopt``: mmap threshold 32 MiB, trim threshold 4000 MiB, top pad 512 MiB; what
 ``MALLOC_MMAP_THRESHOLD_`` etc. set from the environment). By default a large tensor's memory is
 faulted in afresh on each allocation; in one measurement that slowed the base model most, so it changes
-the ratios (README, session 13).
+the ratios (docs/RESULTS.md, Speed).
 """
 
 from __future__ import annotations

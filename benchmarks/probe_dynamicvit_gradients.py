@@ -16,7 +16,8 @@ loss at weight 1. It prints, per predictor (one per pruning stage):
   row with respect to its keep weight is ``exp(l_max) / sum over kept exp(l)``, which is huge when the kept
   keys score far below it. A few such tokens then carry almost all of the predictor's task gradient.
 
-Not a benchmark of speed; a measurement to choose ``ratio_weight`` before a fine-tune (README, session 20).
+Not a benchmark of speed; a measurement to choose ``ratio_weight`` before a fine-tune (docs/RESULTS.md,
+Learned policies).
 """
 
 from __future__ import annotations

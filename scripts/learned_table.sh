@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
-# Issue 14's table, from nothing: the dim-192 Fashion-MNIST ViT, each learned policy fine-tuned from it in
-# stages (distilling from the base), then one run of benchmarks/bench_learned.py over all of them.
+# The learned-policies table (docs/RESULTS.md), from nothing: the dim-192 Fashion-MNIST ViT, each learned
+# policy fine-tuned from it in stages (distilling from the base), then one run of benchmarks/bench_learned.py
+# over all of them.
 #
 #   scripts/learned_table.sh OUT              # every stage not yet done, in order, then the table
 #   ONLY="dvA saA" scripts/learned_table.sh OUT   # just these stages (their inputs must be done)
 #   TABLE=0 scripts/learned_table.sh OUT      # the stages only
 #
 # Resumable: a stage that finished has OUT/<stage>/.done and is skipped; one that stopped part-way
-# (a session's end) continues from its last epoch's checkpoint (`tokenopt train --resume`). Each stage's
+# (a run cut off part-way) continues from its last epoch's checkpoint (`tokenopt train --resume`). Each stage's
 # output goes to OUT/<stage>.log (a line every 10% of an epoch: the mean losses so far), its time to
 # OUT/times.txt.
 # OUT=runs/c192 keeps the chain in the repository: what a finished stage leaves (model.pt, policy.pt,
-# log.json, .done; about 11 MB) is committed, checkpoint.pt is not (.gitignore), so a later session on a
-# fresh checkout goes on from the last finished stage (this CPU needs several sessions for the chain).
+# log.json, .done; about 11 MB) is committed, checkpoint.pt is not (.gitignore), so a later run on a fresh
+# checkout goes on from the last finished stage (on this CPU the chain takes many hours, longer than a
+# machine that keeps nothing outside git may be held).
 #   DEVICE="--precision bf16 --device cpu"   (default; on a GPU: DEVICE="--device cuda")
 #   PY=python
 # Stages (epochs on the 60k training images; about 10 min an epoch for the base and 20-25 min for a
@@ -26,24 +28,27 @@
 #   dvB   the same, 1 epoch, lr 5e-5                                     (from dvA, its predictors)
 #         (the operating point: on this base, pruning by CLS attention at DynamicViT's counts and places,
 #         untrained, costs 8.1 points at the default blocks (1, 2, 3) with rho 0.75, FLOPs 0.72, and 1.6
-#         points after (2, 3) with rho 0.5, FLOPs 0.68: benchmarks/probe_operating_points.py, README session 19)
+#         points after (2, 3) with rho 0.5, FLOPs 0.68: benchmarks/probe_operating_points.py;
+#         docs/RESULTS.md, Learned policies)
 #         (the ratio weight: at the authors' 2, and at 20, training kept 72/61% of the patches against
 #         inference's 50/25%; the task's gradient on the predictors is 3e3 to 1e6 times the ratio loss's at
-#         weight 1, almost all of it from 1% of the tokens: benchmarks/probe_dynamicvit_gradients.py, README
-#         session 20; the ratio weight alone, 20000, kept 50/25% in training and scored 78.92%: the
-#         predictors ranked worse than CLS attention does untrained, hence the ranking loss; with it and
-#         detach_predictors dvA scored 82.55%)
+#         weight 1, almost all of it from 1% of the tokens: benchmarks/probe_dynamicvit_gradients.py;
+#         docs/RESULTS.md, Learned policies; the ratio weight alone, 20000, kept 50/25% in training and
+#         scored 78.92%: the predictors ranked worse than CLS attention does untrained, hence the ranking
+#         loss; with it and detach_predictors dvA scored 82.55%)
 #   saA   SaiT, one pruning point after block 2, sparse steps at densities drawn from (0.93, 0.995),
 #         2 epochs, lr 1e-4                                             (from base)
 #   avA   A-ViT, 2 epochs, lr 1.5e-4, ponder weight 3e-4                 (from base)
 #   avB   A-ViT, 2 epochs, lr 7e-5, ponder weight 5e-4 (fewer tokens than avA's 149 a block)   (from avA)
 #   adA   AdaViT, usage targets heads 0.9 / sub-layers 0.95 / tokens 0.8, 1 epoch, lr 1e-4, gates at 30x,
 #         gates as trained (no calibration: adB starts from them)        (from dvB's backbone: one already
-#         used to running without tokens; README, session 12)
+#         used to running without tokens: an AdaViT fine-tuned from the base itself lost 2.1 points with
+#         no gating at all, so its loss was in the backbone)
 #   adB   AdaViT, targets 0.85 / 0.95 / 0.75, gates as trained, 1 epoch, lr 5e-5   (from adA, its gates)
 #   adC   AdaViT, targets 0.8 / 0.95 / 0.65, gates as trained, 1 epoch, lr 5e-5    (from adB, its gates: every
-#         inference threshold that took adB to FLOPs 0.76 or less cost it 1 point or more; README, session 22)
-# The settings are the ones README sessions 9-13 arrived at over longer chains of runs.
+#         inference threshold that took adB to FLOPs 0.76 or less cost it 1 point or more;
+#         docs/RESULTS.md, Learned policies)
+# The settings are the ones earlier, longer chains of runs arrived at.
 set -euo pipefail
 OUT=${1:?usage: scripts/learned_table.sh OUT}
 PY=${PY:-python}

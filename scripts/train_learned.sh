@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The learned-policy recipe (README, "Learned policies"): a ViT trained from scratch on Fashion-MNIST, then
+# The learned-policy recipe (README, "Training learned policies"): a ViT trained from scratch on Fashion-MNIST, then
 # A-ViT, SaiT, DynamicViT and AdaViT each fine-tuned from it with distillation, all with `tokenopt train`.
 #
 #   scripts/train_learned.sh OUT                 # writes OUT/base, OUT/avit, OUT/sait, OUT/dvit, OUT/adavit
 #   python benchmarks/bench_learned.py --runs OUT   # then the table: accuracy, tokens, FLOPs, throughput
 #
-# The model and epochs come from the environment (defaults: the README's recipe):
+# The model and epochs come from the environment (defaults: the recipe measured in docs/RESULTS.md, Speed):
 #   MODEL="--embed-dim 192 --heads 3 --mlp-ratio 4"   BASE_EPOCHS=12   FT_EPOCHS=8   ADAVIT_EPOCHS=4
 #   PARALLEL=1   run the four fine-tunes at once (on a GPU, where one small run leaves it mostly idle);
 #                default: one after another
@@ -13,7 +13,8 @@
 #   FT_EXTRA="..."  more arguments for the fine-tunes only (e.g. "--train-images 30000")
 #   BASE=path/model.pt  fine-tune from this base model instead of training one (OUT/base is then not made)
 #   PY=python    the interpreter
-# On a 2-core CPU (no GPU; README, session 8: 38 min base + 50 min fine-tunes, far too short to hold accuracy):
+# On a 2-core CPU (no GPU; this took 38 min for the base + 50 min for the fine-tunes, far too short to hold
+# accuracy: every fine-tune lost 3 points or more):
 #   EXTRA="--precision bf16 --device cpu" BASE_EPOCHS=3 FT_EPOCHS=1 ADAVIT_EPOCHS=1 \
 #     FT_EXTRA="--train-images 30000" scripts/train_learned.sh out/c192
 set -euo pipefail

@@ -1,5 +1,5 @@
-"""The long tail of ViTs a user brings (issue 16): attention layouts, block shapes, parameter-derived
-masks and prefix tokens built in several steps.
+"""The long tail of ViTs a user brings: attention layouts, block shapes, parameter-derived masks and
+prefix tokens built in several steps.
 
 Each model is hand-written here (random weights): conv patch embedding, a CLS token, learned positions,
 pre-norm blocks and a head reading the CLS token; only the part under test differs. ``policy="none"``

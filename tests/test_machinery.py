@@ -221,6 +221,7 @@ def test_fullgraph_compile_equals_the_graph(deit4, case):
         torch.testing.assert_close(compiled(x), gm(x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["topk", "tome", "composite"])
 def test_onnx_round_trip_in_onnxruntime(deit4, case, tmp_path):
     ort = pytest.importorskip("onnxruntime")
@@ -231,7 +232,10 @@ def test_onnx_round_trip_in_onnxruntime(deit4, case, tmp_path):
                                          tokenopt.ToMe(r=10, blocks=(2, 3))])}[case]
     gm = tokenopt.optimize(deit4, **options)
     x = torch.randn(2, 3, 224, 224)
-    program = torch.onnx.export(gm, (x,), dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch")},))
+    # torch's own export path, with tokenopt's decomposition table passed explicitly (nothing global)
+    exported = torch.export.export(gm, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    exported = exported.run_decompositions(tokenopt.kernels.ops.decompositions())
+    program = torch.onnx.export(exported, (x,), dynamo=True)
     path = tmp_path / "m.onnx"
     program.save(str(path))
     session = ort.InferenceSession(str(path))

@@ -108,3 +108,22 @@ def test_calibrate_accepts_pitome(vit):
 
     assert count_flops(gm, sample[:2]) / count_flops(vit, sample[:2]) == pytest.approx(res.flops_ratio)
     assert math.isfinite(res.fidelity)
+
+
+@pytest.mark.parametrize("best_edges", [False, True])
+def test_pitome_export_form_ranks_like_the_stable_sort_ties_included(best_edges):
+    """The ONNX export form ranks with topk (ONNX has TopK, no sort); ties go to the lower index there as in a
+    stable descending sort, so both forms make the same decision, on tied metrics too."""
+    from tokenopt.kernels import reference as ref
+
+    torch.manual_seed(0)
+    metric = torch.randn(3, 1 + 40, 16)
+    metric[0, 5:20] = metric[0, 5]  # a flat region: identical tokens, tied energies and similarities
+    metric[1, 1:] = 1.0  # every token the same
+    for r in (1, 7, 20):
+        a = ref.pitome_slots(metric, r, 1, 0.5, 1.0, None, best_edges)
+        b = ref.pitome_slots(metric, r, 1, 0.5, 1.0, None, best_edges, by_topk=True)
+        assert all(torch.equal(x, y) for x, y in zip(a, b)), r
+        assert torch.equal(ref.tome_slots(metric, r, 1), ref.tome_slots(metric, r, 1, None, True)), r
+    v = torch.randint(0, 4, (5, 300)).float()  # many ties
+    assert torch.equal(ref.stable_descending_order(v), torch.sort(v, dim=1, descending=True, stable=True).indices)

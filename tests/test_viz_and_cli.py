@@ -62,7 +62,8 @@ def test_cli_bench_on_a_tiny_sample(tmp_path):
                  "--configs", str(calib), "--out", str(out)]) == 0
     data = json.loads((out / "bench.json").read_text())
     names = [r["variant"] for r in data["rows"]]
-    assert names == ["eager", "topk keep_rate=0.78", "tome r=4", "tome r=6", "pitome calib_a"]  # topk at its default
+    # calibrated configs first (the tuned operating points), then the policies; topk at its default budget
+    assert names == ["eager", "pitome calibrated:calib_a", "topk keep_rate=0.78", "tome r=4", "tome r=6"]
     assert data["probe_l2"] in tokenopt_probe_grid()
     saved = torch.load(out / "features.pt")
     assert set(saved["test"]) == set(names) and saved["test"]["eager"].shape[0] == 16
@@ -70,6 +71,36 @@ def test_cli_bench_on_a_tiny_sample(tmp_path):
     assert eager["throughput_ratio"] == 1.0 and eager["cosine"] == pytest.approx(1.0)
     assert all(r["flops_ratio"] < 1.0 for r in data["rows"][1:])
     assert (out / "tradeoff.png").stat().st_size > 10_000
+
+
+def test_cli_demo_leads_with_the_shipped_calibration_on_dinov2(tmp_path, monkeypatch):
+    """``tokenopt demo`` (``scripts/dev demo``) is ``bench`` with the calibrated PiToMe shipped for DINOv2 first,
+    ToMe at two budgets next, the CLS-attention policies after."""
+    from tokenopt import cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "_cmd_bench", lambda args: seen.setdefault("args", args) and 0)
+    assert cli.main(["demo", "--out", str(tmp_path)]) == 0
+    args = seen["args"]
+    assert args.model == "dinov2" and args.configs is None and args.policies == ["tome", "ats", "topk"]
+    assert args.budget == ["tome:r=14", "tome:r=20"]
+    shipped = cli.shipped_calibrations("dinov2")
+    assert [os.path.basename(p) for p in shipped] == ["dinov2_pitome_flops049.json"]
+    config = tokenopt.policies.make_config(shipped[0])
+    assert isinstance(config, tokenopt.PiToMe) and config.r == (30, 27, 25, 22, 20, 17, 15, 12, 10, 7, 5, 2)
+    assert cli.shipped_calibrations("test_vit") == []
+
+
+def test_frontier_keeps_what_nothing_beats_on_both_axes():
+    from tokenopt.cli import frontier
+
+    rows = [dict(v="eager", throughput_ratio=1.0, drop=0.0), dict(v="a", throughput_ratio=1.5, drop=0.1),
+            dict(v="b", throughput_ratio=1.4, drop=0.5), dict(v="c", throughput_ratio=2.0, drop=0.8),
+            dict(v="d", throughput_ratio=1.9, drop=2.0)]
+    assert [r["v"] for r in frontier(rows, "drop", lower_is_better=True)] == ["eager", "a", "c"]
+    rows = [dict(v="x", throughput_ratio=1.0, cos=1.0), dict(v="y", throughput_ratio=2.0, cos=0.99),
+            dict(v="z", throughput_ratio=1.5, cos=0.98)]
+    assert [r["v"] for r in frontier(rows, "cos", lower_is_better=False)] == ["x", "y"]
 
 
 def test_cli_viz_and_explain(tmp_path, capsys):

@@ -8,6 +8,7 @@
 Importing tokenopt imports neither triton nor CUDA; the Triton kernels load on first use.
 """
 
+from tokenopt._version import __version__
 from tokenopt.api import optimize
 from tokenopt.calibrate import Calibration, calibrate
 from tokenopt.capture import CaptureError, capture
@@ -20,10 +21,8 @@ from tokenopt.policies import AdaViT, ATS, AViT, DynamicViT, NoReduction, PiToMe
 from tokenopt.saving import LoadError, export_onnx, load, save
 from tokenopt.training import TrainingModule, prepare_training
 
-__version__ = "0.1.0"
-
 __all__ = [
-    "optimize", "calibrate", "Calibration", "prepare_training", "TrainingModule", "save", "load", "export_onnx", "LoadError", "OptimizedModule", "capture", "explain", "token_counts", "gate_usage", "find_blocks", "get_model_info",
+    "__version__", "optimize", "calibrate", "Calibration", "prepare_training", "TrainingModule", "save", "load", "export_onnx", "LoadError", "OptimizedModule", "capture", "explain", "token_counts", "gate_usage", "find_blocks", "get_model_info",
     "CaptureError", "NoAttentionError", "BlockStructureError", "PassError",
     "BlockInfo", "ModelInfo", "Pipeline", "register_pass", "PolicyConfig", "NoReduction", "AdaViT", "ATS", "AViT", "DynamicViT", "PiToMe", "SaiT", "TopK", "ToMe",
 ]

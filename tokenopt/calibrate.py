@@ -75,13 +75,24 @@ class Calibration:
 
 def load_config(path: str):
     """The policy config of a calibration JSON written by :meth:`Calibration.save`."""
-    from tokenopt.saving import _decode
+    from tokenopt.saving import LoadError, _decode
 
-    with open(path) as f:
-        doc = json.load(f)
-    if not isinstance(doc, dict) or doc.get("format") != "tokenopt.calibration":
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); tokenopt calibrate --out writes a calibration file") from exc
+    if not isinstance(doc, dict) or doc.get("format") != "tokenopt.calibration" or not isinstance(doc.get("config"), dict):
         raise ValueError(f"{path} is not a tokenopt calibration file (tokenopt calibrate --out writes one)")
-    return _decode(doc["config"], {})
+    try:  # the config's own validation, the one path the API and the CLI take too
+        config = _decode(doc["config"], {})
+    except (ValueError, TypeError, LoadError) as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+    from tokenopt.policies.base import PolicyConfig
+
+    if not isinstance(config, PolicyConfig):
+        raise ValueError(f"{path}: its config is not a policy config ({type(config).__name__})")
+    return config
 
 
 def _budget(policy: str, shape: str, scale: float, depth: int) -> tuple:

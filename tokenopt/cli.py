@@ -30,6 +30,10 @@ SWEEPS = {
 # (out/real10k, README): ToMe r=14 1.52x, TopK 0.78 1.43x; ATS keeps the most it can (K = all
 # patches) and is still faster than that (1.87x), since its sampling collapses on peaked scores
 DEFAULT_BUDGETS = {"ats": {"max_tokens": 1.0}, "topk": {"keep_rate": 0.78}, "tome": {"r": 14}, "pitome": {"r": 14}}
+# `tokenopt demo` (scripts/dev demo): the shipped calibrated PiToMe (FLOPs 0.49, about 2x) and ToMe at r=14 and
+# r=20 (about 1.4x and 1.8x) first, then the CLS-attention policies (docs/RESULTS.md, Fidelity on real weights)
+DEMO_POLICIES = ["tome", "ats", "topk"]
+DEMO_BUDGETS = ["tome:r=14", "tome:r=20"]
 
 
 def _parse_sets(pairs: Sequence[str]) -> dict:
@@ -187,7 +191,7 @@ def _cmd_bench(args) -> int:
 
     console = Console(width=160)
     budgets = _bench_budgets(args)  # every argument is checked before any model is loaded
-    for path in args.configs:
+    for path in args.configs or []:
         if not os.path.isfile(path):
             raise SystemExit(f"--configs {path!r}: no such file (tokenopt calibrate --out writes one)")
     _check_writable_dir(args.out)
@@ -200,7 +204,13 @@ def _cmd_bench(args) -> int:
 
     size = default_example_inputs(model)[0].shape[-1]
 
-    configs = []  # (label, policy, options)
+    if args.configs is None:  # `tokenopt demo`: the calibrations shipped for this model
+        args.configs = shipped_calibrations(args.model)
+    configs = []  # (label, policy, options): calibrated configs first, the tuned operating points
+    for path in args.configs:
+        stem = os.path.splitext(os.path.basename(path))[0]
+        label = f"{tokenopt.policies.make_config(path).name} calibrated:{stem.removeprefix(args.model + '_')}"
+        configs.append((label, path, {}))
     for policy in args.policies:
         if args.sweep:
             key, values = SWEEPS[policy]
@@ -208,9 +218,6 @@ def _cmd_bench(args) -> int:
         else:
             options = [{**DEFAULT_BUDGETS.get(policy, {}), **o} for o in budgets.get(policy, [{}])]
         configs += [(f"{policy} " + " ".join(f"{k}={v}" for k, v in o.items()), policy, o) for o in options]
-    for path in args.configs:  # calibrated per-block budgets, labelled by their file
-        label = f"{tokenopt.policies.make_config(path).name} {os.path.splitext(os.path.basename(path))[0]}"
-        configs.append((label, path, {}))
 
     train_x, train_y = load_fashion_mnist("train", args.train)
     test_x, test_y = load_fashion_mnist("test", args.test)
@@ -274,6 +281,18 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def frontier(rows: list, key: str, lower_is_better: bool) -> list:
+    """The speed/fidelity frontier of bench rows: those that no other row beats on both throughput and ``key``
+    (eager included), ordered by throughput."""
+    sign = 1 if lower_is_better else -1
+
+    def beaten(r):
+        return any(o is not r and o["throughput_ratio"] >= r["throughput_ratio"] and sign * o[key] <= sign * r[key]
+                   and (o["throughput_ratio"] > r["throughput_ratio"] or sign * o[key] < sign * r[key]) for o in rows)
+
+    return sorted((r for r in rows if not beaten(r)), key=lambda r: r["throughput_ratio"])
+
+
 def _plot_tradeoff(rows, path: str, model: str) -> None:
     import matplotlib
 
@@ -294,6 +313,10 @@ def _plot_tradeoff(rows, path: str, model: str) -> None:
         for r in rs:
             ax1.annotate(r["variant"].split(" ", 1)[1], (r["throughput_ratio"], r["accuracy_drop_points"]),
                          fontsize=7, xytext=(3, 3), textcoords="offset points")
+    for ax, key, better in ((ax1, "accuracy_drop_points", min), (ax2, "cosine", max)):
+        front = frontier(rows, key, lower_is_better=better is min)
+        ax.plot([r["throughput_ratio"] for r in front], [r[key] for r in front], color="black", lw=2.5,
+                alpha=0.25, zorder=0, label="frontier (nothing both faster and closer)")
     for ax, ylabel in ((ax1, "linear-probe accuracy drop (points)"), (ax2, "cosine agreement with eager")):
         ax.axvline(1.5, color="grey", lw=0.8, ls="--")
         ax.set_xlabel("throughput / eager (same run)")
@@ -306,6 +329,39 @@ def _plot_tradeoff(rows, path: str, model: str) -> None:
     plt.close(fig)
 
 
+def _bench_arguments(p, *, policies, configs, budgets, out) -> None:
+    p.add_argument("--model", default="dinov2")
+    p.add_argument("--policies", nargs="*", default=policies, choices=sorted(SWEEPS))
+    p.add_argument("--sweep", action="store_true", help="each policy over several budgets")
+    p.add_argument("--budget", nargs="*", default=budgets, metavar="POLICY:KEY=VALUE",
+                   help="a policy's budget instead of its default, e.g. tome:r=14 topk:keep_rate=0.8; "
+                   "repeat a policy to run it at several budgets, join options with commas")
+    p.add_argument("--configs", nargs="*", default=configs, metavar="CALIBRATION.json",
+                   help="calibrated configs (tokenopt calibrate --out) to run first"
+                   + ("" if configs is not None else "; default on dinov2: the calibrations tokenopt ships "
+                      "for it (tokenopt/data/dinov2_*.json)"))
+    p.add_argument("--train", type=_positive_int, default=500, help="first N Fashion-MNIST train images for the probe")
+    p.add_argument("--test", type=_positive_int, default=300, help="first N Fashion-MNIST test images (10000 = all)")
+    p.add_argument("--batch", type=_positive_int, default=32)
+    p.add_argument("--rounds", type=_positive_int, default=3)
+    p.add_argument("--threads", type=_positive_int, default=os.cpu_count())
+    p.add_argument("--out", default=out)
+
+
+def shipped_calibrations(model: str) -> list[str]:
+    """The calibrated configs tokenopt ships for ``model`` (``tokenopt/data/<model>_*.json``), best first."""
+    import glob
+
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+    return sorted(glob.glob(os.path.join(here, f"{model}_*.json")))
+
+
+def tokenopt_version() -> str:
+    from tokenopt._version import __version__
+
+    return __version__
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train"]:  # its own parser (tokenopt.train), also run as `torchrun -m tokenopt.train`
@@ -313,14 +369,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         return train_main(argv[1:])
     parser = argparse.ArgumentParser(prog="tokenopt", description="Token reduction for Vision Transformers")
+    parser.add_argument("--version", action="version", version=f"tokenopt {tokenopt_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("train", help="train a small ViT on Fashion-MNIST, optionally with a learned policy "
                                  "(tokenopt train --help)")
 
-    demo = sub.add_parser("demo", help="optimize timm DeiT-Tiny (random weights) and print the report")
-    demo.add_argument("--policy", default="ats")
-    demo.add_argument("--block", type=int, default=3)
-    demo.set_defaults(model="deit_tiny_patch16_224", set=[], fn=_cmd_explain)
+    demo = sub.add_parser("demo", help="the main job: the best operating points on the real DINOv2 ViT-S/14 first "
+                                       "(calibrated PiToMe, ToMe), then ATS and top-k; table, JSON and a plot")
+    _bench_arguments(demo, policies=DEMO_POLICIES, configs=None, budgets=DEMO_BUDGETS, out="out/bench")
+    demo.set_defaults(fn=_cmd_bench)
 
     exp = sub.add_parser("explain", help="optimize a model and print the per-block report")
     exp.add_argument("model", help="'dinov2' (real weights) or a timm model name")
@@ -350,20 +407,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     viz.set_defaults(fn=_cmd_viz)
 
     bench = sub.add_parser("bench", help="throughput, FLOPs, tokens per block and fidelity of each policy")
-    bench.add_argument("--model", default="dinov2")
-    bench.add_argument("--policies", nargs="*", default=["ats", "topk", "tome"], choices=sorted(SWEEPS))
-    bench.add_argument("--sweep", action="store_true", help="each policy over several budgets")
-    bench.add_argument("--budget", nargs="*", default=[], metavar="POLICY:KEY=VALUE",
-                       help="a policy's budget instead of its default, e.g. tome:r=14 topk:keep_rate=0.8; "
-                       "repeat a policy to run it at several budgets, join options with commas")
-    bench.add_argument("--configs", nargs="*", default=[], metavar="CALIBRATION.json",
-                       help="calibrated configs (tokenopt calibrate --out) to run as variants too")
-    bench.add_argument("--train", type=_positive_int, default=500, help="first N Fashion-MNIST train images for the probe")
-    bench.add_argument("--test", type=_positive_int, default=300, help="first N Fashion-MNIST test images (10000 = all)")
-    bench.add_argument("--batch", type=_positive_int, default=32)
-    bench.add_argument("--rounds", type=_positive_int, default=3)
-    bench.add_argument("--threads", type=_positive_int, default=os.cpu_count())
-    bench.add_argument("--out", default="out/bench")
+    _bench_arguments(bench, policies=["ats", "topk", "tome"], configs=[], budgets=[], out="out/bench")
     bench.set_defaults(fn=_cmd_bench)
 
     cal = sub.add_parser("calibrate", help="search a policy's per-block budget on sample images for a target cost")

@@ -128,6 +128,14 @@ def explain(gm: fx.GraphModule, block: Optional[int] = None, *, console: Optiona
 
         find_blocks(gm)
     info: ModelInfo = gm.meta[MODEL_INFO]
+    examples = gm.meta.get("tokenopt.example_inputs")
+    if examples and not any("tensor_meta" in n.meta for n in gm.graph.nodes if n.op == "placeholder"):
+        # (a loaded graph carries no shapes of its own run: propagate the example inputs saved with it)
+        import torch
+        from torch.fx.passes.shape_prop import ShapeProp
+
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*examples)
     rows = block_stats(gm)
     base = gm.meta.get("tokenopt.baseline_flops")
     total = sum(r["flops"] for r in rows)

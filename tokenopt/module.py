@@ -20,12 +20,16 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import threading
+import warnings
 from typing import Any, Optional
 
 import torch
 import torch.fx as fx
 
 __all__ = ["OptimizedModule", "carried_attributes"]
+
+_BUILD_LOCK = threading.RLock()
 
 # attributes a runner reads from a model, carried over when the model has them
 _CARRIED = (
@@ -269,25 +273,35 @@ class OptimizedModule(fx.GraphModule):
             return None
         key = tuple(x.shape[2:])
         variants = self.__dict__["_variants"]
-        if key not in variants:
-            from tokenopt.api import _build
-            from tokenopt.capture import capture
-
-            sample = (torch.randn(2, *x.shape[1:], dtype=ex.dtype, device=self.device), *examples[1:])
-            captured = capture(generic, sample, dynamic_size=False)
-            captured.meta.pop("tokenopt.generic", None)
-            gm, original = _build(captured, self.meta["tokenopt.policy"], self.meta["tokenopt.build"],
-                                  policy_state=self.policy_state_dict() or None)
-            variant = OptimizedModule.wrap(gm, signature=self.__dict__.get("_tokenopt_signature"),
-                                           carried=self.__dict__.get("_tokenopt_carried"), original=original,
-                                           own_weights=False, class_name=self.__class__.__name__)
-            for g in (variant, original):
-                if g is not None:
-                    _share(g, self)
-            variant.min_batch = self.__dict__.get("min_batch")
-            variant.train(self.training)
-            variants[key] = variant
+        if key in variants:
+            return variants[key]
+        # torch.export keeps process-wide state (its mode stack): one build at a time, whichever thread asks
+        # first; the others wait for it and take its graph
+        with _BUILD_LOCK:
+            if key not in variants:
+                variants[key] = self._build_for_size(x, examples)
         return variants[key]
+
+    def _build_for_size(self, x: torch.Tensor, examples: tuple) -> "OptimizedModule":
+        generic = self.__dict__["_generic"]
+        ex = examples[0]
+        from tokenopt.api import _build
+        from tokenopt.capture import capture
+
+        sample = (torch.randn(2, *x.shape[1:], dtype=ex.dtype, device=self.device), *examples[1:])
+        captured = capture(generic, sample, dynamic_size=False)
+        captured.meta.pop("tokenopt.generic", None)
+        gm, original = _build(captured, self.meta["tokenopt.policy"], self.meta["tokenopt.build"],
+                              policy_state=self.policy_state_dict() or None)
+        variant = OptimizedModule.wrap(gm, signature=self.__dict__.get("_tokenopt_signature"),
+                                       carried=self.__dict__.get("_tokenopt_carried"), original=original,
+                                       own_weights=False, class_name=self.__class__.__name__)
+        for g in (variant, original):
+            if g is not None:
+                _share(g, self)
+        variant.min_batch = self.__dict__.get("min_batch")
+        variant.train(self.training)
+        return variant
 
     @property
     def variants(self) -> dict:
@@ -297,7 +311,7 @@ class OptimizedModule(fx.GraphModule):
     def __call__(self, *args, **kwargs):
         if kwargs:
             args = self.bind_inputs(args, kwargs)
-        if not torch.compiler.is_compiling():
+        if not _traced(args):
             variant = self.for_size(args)
             if variant is not None:
                 return variant(*args)
@@ -319,6 +333,12 @@ class OptimizedModule(fx.GraphModule):
         return self
 
     def train(self, mode: bool = True):
+        if mode and not self.training and not (self.meta.get("tokenopt.build") or {}).get("training"):
+            warnings.warn(
+                "this optimized graph was captured from the model in eval mode: switching it to train mode changes "
+                "nothing it computes (dropout and stochastic depth are not in the graph, normalisation keeps its "
+                "running statistics). To train, use tokenopt.prepare_training(model, policy=...), which captures "
+                "the model in train mode.", stacklevel=2)
         super().train(mode)
         for variant in self.__dict__.get("_variants", {}).values():
             variant.train(mode)
@@ -346,8 +366,11 @@ class OptimizedModule(fx.GraphModule):
         return gm
 
     def __reduce__(self):
-        raise TypeError("an OptimizedModule is saved with tokenopt.save(gm, path) (torch.export's format), not "
-                        "pickled; load it with tokenopt.load(path)")
+        # torch.save(gm) and pickle hold tokenopt's own archive (torch.export's format, content-hashed), never
+        # the graph's Python objects; torch.load(path, weights_only=False) or pickle.loads rebuild it
+        from tokenopt.saving import archive_bytes, load_bytes
+
+        return load_bytes, (archive_bytes(self),)
 
 
 def _share(original: fx.GraphModule, reduced: fx.GraphModule) -> None:
@@ -365,6 +388,19 @@ def _share(original: fx.GraphModule, reduced: fx.GraphModule) -> None:
                 mod._buffers[leaf] = own[name]
 
 
+def _traced(args: tuple) -> bool:
+    """Whether this call is being traced (``torch.compile``, ``torch.export``) rather than run. The global
+    ``torch.compiler.is_compiling()`` alone would also say so while *another* thread exports (a variant being
+    built for a new image size), so outside dynamo the inputs decide: fake tensors in this thread's tracing."""
+    if torch.compiler.is_dynamo_compiling():
+        return True
+    if not torch.compiler.is_compiling():
+        return False
+    from torch._guards import detect_fake_mode
+
+    return detect_fake_mode(tuple(a for a in args if isinstance(a, torch.Tensor))) is not None
+
+
 def _holds_nodes(v: Any, depth: int = 0) -> bool:
     if isinstance(v, fx.Node):
         return True
@@ -380,9 +416,10 @@ def _holds_nodes(v: Any, depth: int = 0) -> bool:
 
 
 def _remap_nodes(v: Any, by_name: dict[str, fx.Node]) -> Any:
-    """``v`` with every graph node replaced by the node of the same name in another graph."""
+    """``v`` with every graph node replaced by the node of the same name in another graph (a fact about a node a
+    later pass removed becomes None, as in a saved archive)."""
     if isinstance(v, fx.Node):
-        return by_name[v.name]
+        return None if getattr(v, "_erased", False) else by_name.get(v.name)
     if isinstance(v, dict):
         return {_remap_nodes(k, by_name): _remap_nodes(x, by_name) for k, x in v.items()}
     if isinstance(v, (list, tuple)) and not hasattr(v, "_fields"):

@@ -114,7 +114,7 @@ def test_parts_sized_for_the_full_token_count_get_a_clear_error():
     assert tokenopt.token_counts(gm, torch.randn(2, 3, 64, 64))[2].tolist() == [57, 57]
 
 
-# --- hardening (issue 12's list): each symptom, refused up front with the fix ----------------------
+# --- hardening: each symptom, refused up front with the fix ---------------------------------------
 
 
 def test_boolean_options_must_be_booleans():

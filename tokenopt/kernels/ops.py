@@ -8,8 +8,10 @@ runs on CPU and CUDA) behind a custom-op boundary, with
   ``pack_index``, is an unbacked symbol);
 * autograd for the ops a training graph differentiates through (``DIFFERENTIABLE``): the backward
   recomputes the reference under autograd, so gradients are the reference's by construction;
-* a decomposition into ATen ops registered in ``torch._decomp`` (:func:`decompositions`), which is how
-  ``torch.onnx.export(..., dynamo=True)`` lowers a rewritten graph to ONNX operators.
+* a decomposition into ATen ops in a table tokenopt owns (:func:`decompositions`), passed explicitly where it
+  is used: ONNX export runs ``ExportedProgram.run_decompositions(decompositions())``. Importing tokenopt
+  writes nothing into torch's global tables, so ``torch.compile`` of a rewritten graph calls each op
+  (its fake gives inductor the shapes) under any environment, ``CI`` set or not.
 
 On a GPU the fusion pass (:mod:`tokenopt.passes.fuse_kernels`) swaps chains of these ops for the Triton
 ops of :mod:`tokenopt.kernels.fused`. A graph holds one node per op, so a forward dispatches one op
@@ -44,8 +46,8 @@ REFERENCES: dict[str, Callable] = {}
 DIFFERENTIABLE: dict[str, tuple[int, ...]] = {}
 #: host reads per call, by design (every op not listed reads nothing back)
 SYNCS = {"pack_index": 1, "halt_pack": 1, "gate_rows": 1, "head_attention": 1}
-#: ops on packed tokens (sizes that depend on values) and ATS's selection (which may read them): no ATen
-#: decomposition is registered for them, so fake-tensor propagation keeps using their fake implementations
+#: ops on packed tokens (sizes that depend on values) and ATS's selection (which may read them): left out of
+#: :func:`decompositions` by default, so a decomposed graph keeps their fakes (unbacked sizes)
 PACKED = {"halt_pack", "pack_index", "gather_rows", "unpack", "packed_cls_attention", "varlen_attention", "packed_select",
           "packed_mean", "ats_select", "gate_rows", "take_rows", "add_rows", "head_attention"}
 
@@ -119,9 +121,24 @@ def _autograd_from_reference(op, reference: Callable, grads: tuple[int, ...]) ->
     op.register_autograd(backward, setup_context=setup_context)
 
 
-def decompositions() -> dict:
-    """``{op overload: reference}`` for every tokenopt op: what ONNX export and ``run_decompositions`` use."""
-    return {getattr(torch.ops.tokenopt, name).default: fn for name, fn in REFERENCES.items()}
+def decompositions(*, include_packed: bool = False, export: bool = True) -> dict:
+    """``{op overload: ATen decomposition}`` for the tokenopt ops: a table tokenopt owns and passes where it is
+    used (``ExportedProgram.run_decompositions(table)`` before ONNX export, inductor's ``decompositions=``);
+    nothing is written into torch's global ``torch._decomp.decomposition_table``.
+
+    Args:
+        include_packed: also the ops on packed tokens and ATS's selection (sizes that depend on values);
+            left out by default: a graph with them keeps their fakes (unbacked sizes) and does not export.
+        export: take the export form where it differs from the reference (``tome_slots`` and ``pitome_slots`` rank
+            with TopK, which ONNX has, in place of a sort).
+    """
+    export_forms = {
+        "tome_slots": lambda metric, r, num_prefix, active=None: ref.tome_slots(metric, r, num_prefix, active, True),
+        "pitome_slots": lambda metric, r, num_prefix, margin, alpha, active, best_edges=False: ref.pitome_slots(
+            metric, r, num_prefix, margin, alpha, active, best_edges, by_topk=True),
+    } if export else {}
+    return {getattr(torch.ops.tokenopt, name).default: export_forms.get(name, fn)
+            for name, fn in REFERENCES.items() if include_packed or name not in PACKED}
 
 
 # --- scoring -----------------------------------------------------------------------------------------
@@ -553,25 +570,6 @@ def tome_representatives(slot: Tensor, num_prefix: int, active: Optional[int] = 
 @tome_representatives.register_fake
 def _(slot, num_prefix, active=None):
     return slot.new_empty(slot.shape, dtype=torch.bool)
-
-
-def _register_decompositions() -> None:
-    """Into ``torch._decomp.decomposition_table`` (read by ONNX export), except the packed ops: their
-    sizes depend on values, so they must keep their fake implementation (an unbacked size) under
-    symbolic shapes, where fake-tensor propagation would otherwise run the decomposition. Packed graphs
-    are adaptive and do not export to ONNX anyway."""
-    from torch._decomp import decomposition_table
-
-    export_forms = {  # where the export form differs from the reference: ONNX has TopK but no sort
-        "tome_slots": lambda metric, r, num_prefix, active=None: ref.tome_slots(metric, r, num_prefix, active, True),
-    }
-    for name, fn in REFERENCES.items():
-        if name not in PACKED:
-            op = getattr(torch.ops.tokenopt, name).default
-            decomposition_table.setdefault(op, export_forms.get(name, fn))
-
-
-_register_decompositions()
 
 
 # --- learned token decisions -----------------------------------------------------------------------

@@ -177,6 +177,20 @@ def valid_to_bias(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return bias[:, None, None, :]
 
 
+def stable_descending_order(v: torch.Tensor) -> torch.Tensor:
+    """``torch.sort(v, dim=1, descending=True, stable=True).indices`` for ``v [B, N]`` without a sort: each value's
+    rank is the number of values ahead of it (larger, or equal at a lower index), and the order scatters each
+    index to its rank. Comparisons, a sum and a scatter are all ONNX has to offer for it (ONNX has no Sort, and
+    its TopK, like ``torch.topk`` on a CPU, does not keep ties in index order); ``[B, N, N]`` booleans, as much
+    as the similarity tables the merging policies already build."""
+    n = v.shape[1]
+    idx = torch.arange(n, device=v.device)
+    vi, vj = v.unsqueeze(2), v.unsqueeze(1)  # [B, i, j]
+    ahead = (vj > vi) | ((vj == vi) & (idx.view(1, 1, n) < idx.view(1, n, 1)))
+    rank = ahead.sum(dim=2)
+    return torch.zeros_like(rank).scatter(1, rank, idx.expand_as(rank).contiguous())
+
+
 def tome_match(
     metric: torch.Tensor, r: int, num_prefix: int, by_topk: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -192,8 +206,8 @@ def tome_match(
         ``unm_idx [B, |A| - r]`` (A tokens kept, ascending), ``src_idx [B, r]`` (A tokens merged) and
         ``dst_idx [B, r]`` (their B partners), all indices within A or B.
 
-    ``by_topk``: order with ``topk`` instead of a stable sort (ONNX has TopK, whose ties go to the lower
-    index as a stable descending sort's do, and no sort): the form the ONNX export uses.
+    ``by_topk``: the form the ONNX export uses: the same order without a sort (:func:`stable_descending_order`
+    for the edges; ``topk`` for the distinct unmerged indices), ties included.
     """
     m = metric[:, num_prefix:].float()
     m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)
@@ -203,8 +217,8 @@ def tome_match(
     node_max, node_idx = scores.max(dim=-1)
     if by_topk:
         na = node_max.shape[1]
-        edge_idx = torch.topk(node_max, na, dim=-1, largest=True, sorted=True).indices
-        unm_idx = torch.topk(edge_idx[:, r:], na - r, dim=1, largest=False, sorted=True).values
+        edge_idx = stable_descending_order(node_max)
+        unm_idx = torch.topk(edge_idx[:, r:], na - r, dim=1, largest=False, sorted=True).values  # (distinct values)
     else:
         edge_idx = node_max.argsort(dim=-1, descending=True, stable=True)
         unm_idx = torch.sort(edge_idx[:, r:], dim=1).values
@@ -1150,7 +1164,8 @@ def head_attention_segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h
 
 
 def pitome_slots(metric: torch.Tensor, r: int, num_prefix: int, margin: float, alpha: float = 1.0,
-                 active: Optional[int] = None, best_edges: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                 active: Optional[int] = None, best_edges: bool = False, by_topk: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """PiToMe's merge decision (Tran et al., NeurIPS 2024) as slots: ``(slot [B, N], rep [B, N])``.
 
     On the patch tokens of the first ``active`` tokens (the rest are padding: slot -1): cosine
@@ -1161,20 +1176,26 @@ def pitome_slots(metric: torch.Tensor, r: int, num_prefix: int, margin: float, a
     slot (protected and B tokens) in original order; an A token takes its B partner's slot. ``rep``
     marks the tokens that stand for their slot (all but the merged A tokens). ``best_edges``: the authors'
     "bsm" variant: every token goes to A or B alternately by energy rank and the ``r`` A tokens with the
-    most similar partners merge (ToMe's rule on PiToMe's split).
+    most similar partners merge (ToMe's rule on PiToMe's split). ``by_topk``: the same ranks without a sort
+    (:func:`stable_descending_order`), the ONNX export form as in :func:`tome_match`.
     """
+    def descending(v: torch.Tensor) -> torch.Tensor:
+        if by_topk:
+            return stable_descending_order(v)
+        return torch.sort(v, dim=1, descending=True, stable=True).indices
+
     bsz, n = metric.shape[:2]
     active = n if active is None else active
     t = active - num_prefix
     m = torch.nn.functional.normalize(metric[:, num_prefix:active].float(), dim=-1)
     sim = m @ m.transpose(1, 2)
     energy = torch.nn.functional.elu(sim - margin, alpha=alpha).mean(dim=-1)
-    order = torch.sort(energy, dim=1, descending=True, stable=True).indices
+    order = descending(energy)
     if best_edges:  # every token in A or B by energy rank; the r A tokens with the best matches merge
         a, b = order[:, 0::2], order[:, 1::2]
         pair = sim.gather(1, a[..., None].expand(bsz, a.shape[1], t)).gather(2, b[:, None, :].expand(bsz, a.shape[1], b.shape[1]))
         best, partner = pair.max(dim=-1)
-        src = torch.sort(best, dim=1, descending=True, stable=True).indices[:, :r]
+        src = descending(best)[:, :r]
         a, dst = a.gather(1, src), b.gather(1, partner.gather(1, src))
     else:
         a, b = order[:, 0:2 * r:2], order[:, 1:2 * r:2]

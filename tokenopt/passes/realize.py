@@ -500,7 +500,9 @@ class RealizeTokens:
                 self._unused_state -= {prefix + k for k in given}
             elif not self.training:
                 self._untrained.append(target)
-            holder.add_module(name, module.to(device=like.device))
+            # in the model's dtype too: a float64 or float16 model gets predictors it can feed
+            dtype = like.dtype if like.is_floating_point() else None
+            holder.add_module(name, module.to(device=like.device, dtype=dtype))
         return target
 
     # -- attention over the current tokens -----------------------------------------------------------

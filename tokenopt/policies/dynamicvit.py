@@ -85,8 +85,8 @@ class DynamicViT(PolicyConfig):
             method): at each stage the KL divergence from the head-averaged CLS attention of the block just
             run (over the kept patches, a fixed target) to the softmax over the kept patches of the
             predictor's keep-minus-drop logit, so the predictors start from the ranking that CLS-attention
-            top-k already prunes well with (README, session 20). It shapes only the ranking: a shift of
-            every logit leaves it unchanged, so the counts stay the keep-ratio loss's.
+            top-k already prunes well with (docs/RESULTS.md, Learned policies). It shapes only the ranking:
+            a shift of every logit leaves it unchanged, so the counts stay the keep-ratio loss's.
         detach_predictors: in training the predictors read the residual stream without passing gradient
             back into it (not in the paper: there the task, ratio and any ranking loss reach the earlier
             blocks through the predictors' input). With large ratio or attention weights this keeps those
