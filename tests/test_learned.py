@@ -382,7 +382,7 @@ def test_learned_policies_example_runs(capsys):
     assert "density 1.0: [65, 65, 65, 65]" in out
 
 
-def test_learned_graphs_save_load_explain_and_compile(vit, tmp_path):
+def test_learned_graphs_save_load_and_explain(vit, tmp_path):
     x = torch.randn(3, 3, 64, 64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # (untrained predictors)
@@ -393,8 +393,7 @@ def test_learned_graphs_save_load_explain_and_compile(vit, tmp_path):
         tokenopt.save(gm, tmp_path / "m.pt2")
         back = tokenopt.load(tmp_path / "m.pt2")
         with torch.no_grad():
-            assert torch.equal(back(x), gm(x))
-            torch.testing.assert_close(torch.compile(gm, fullgraph=True)(x), gm(x), atol=1e-5, rtol=1e-5)
+            assert torch.equal(back(x), gm(x))  # (compiled: tests/test_release.py, every policy)
         assert back.knobs == gm.knobs
     back.density = 1.0  # the knob survives saving
     with torch.no_grad():

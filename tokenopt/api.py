@@ -11,7 +11,7 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 from torch.fx.passes.shape_prop import ShapeProp
 
-from tokenopt.capture import capture
+from tokenopt.capture import capture, release_fake_caches, unwrap
 from tokenopt.explain import block_listing, block_stats, token_counts
 from tokenopt.ir import META_BLOCK, META_ROLE, MODEL_INFO, ModelInfo
 from tokenopt.module import OptimizedModule, carried_attributes, measure_min_batch, signature_of
@@ -80,6 +80,9 @@ def optimize(
         >>> torch.testing.assert_close(gm(x), model(x))
     """
     config = make_config(policy, **options)
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"tokenopt.optimize takes an nn.Module; got {type(model).__name__}")
+    model = unwrap(model)  # torch.compile's wrapper, DataParallel: the model inside
     if not isinstance(dense, bool):
         raise ValueError(f"dense must be True or False; got {dense!r}")
     if mode is None:
@@ -113,6 +116,7 @@ def optimize(
         min_batch = measure_min_batch(out, out.meta["tokenopt.example_inputs"])
     out.min_batch = min_batch
     out.meta["tokenopt.min_batch"] = min_batch
+    release_fake_caches(out, original, generic)
     return out
 
 

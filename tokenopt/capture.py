@@ -19,7 +19,11 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.fx.passes.shape_prop import ShapeProp
 
-__all__ = ["CaptureError", "StaticBatchWarning", "capture", "default_example_inputs"]
+__all__ = ["CaptureError", "StaticBatchWarning", "SizeGenericWarning", "capture", "default_example_inputs",
+           "SIZE_BUDGET_S"]
+
+#: seconds the size-generic capture may take before the fixed-size capture is used instead
+SIZE_BUDGET_S = 10.0
 
 
 class CaptureError(RuntimeError):
@@ -29,6 +33,39 @@ class CaptureError(RuntimeError):
 class StaticBatchWarning(UserWarning):
     """``torch.export`` fixed the batch size: the model's forward reads it as a Python constant (most
     often ``len(x)`` on a tensor), so the captured graph runs on batches of exactly that size."""
+
+
+class SizeGenericWarning(UserWarning):
+    """The size-generic capture ran out of its time budget; the graph takes the example's image size only."""
+
+
+class _OutOfTime(BaseException):  # (not an Exception: export's own handlers must not swallow it)
+    pass
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float):
+    """Raise :class:`_OutOfTime` in this block after ``seconds`` (a SIGALRM timer: in the main thread of a
+    process that has signals; elsewhere the block runs unbounded)."""
+    import signal
+    import threading
+
+    if seconds is None or not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise _OutOfTime()
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    old_timer = signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        if old_timer[0]:  # (someone else's timer was running: give it back what is left of it)
+            signal.setitimer(signal.ITIMER_REAL, max(old_timer[0] - seconds, 1e-3))
 
 
 def default_example_inputs(model: torch.nn.Module, batch: int = 2) -> tuple[torch.Tensor, ...]:
@@ -118,6 +155,7 @@ def capture(
     dynamic_batch: bool = True,
     dynamic_size: bool = True,
     train: bool = False,
+    size_budget_s: float = SIZE_BUDGET_S,
 ) -> fx.GraphModule:
     """Capture ``model`` as an ATen-level ``torch.fx.GraphModule``.
 
@@ -133,6 +171,9 @@ def capture(
             graph is kept in ``gm.meta["tokenopt.generic"]`` (the returned graph has the example's size).
         train: capture the training form (dropout, stochastic depth and batch statistics as in
             training) instead of the inference form.
+        size_budget_s: how long the size-generic attempt may take (in the main thread) before the model is
+            captured at the example's size instead, with a :class:`SizeGenericWarning`: on some models
+            (Hugging Face Swin, Hiera) torch.export spends minutes simplifying symbolic size expressions.
 
     Returns:
         A GraphModule taking the same inputs and returning the same output structure as ``model``.
@@ -151,10 +192,16 @@ def capture(
     """
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"tokenopt.capture takes an nn.Module, got {type(model).__name__}")
+    model = unwrap(model)
     if isinstance(model, fx.GraphModule) and "tokenopt.example_inputs" in model.meta:
         raise CaptureError("this GraphModule was already produced by tokenopt; optimize the original model")
     if example_inputs is None:
         example_inputs = default_example_inputs(model)
+    if isinstance(example_inputs, torch.Tensor):  # one tensor: the model's one input (not a tuple of its rows)
+        example_inputs = (example_inputs,)
+    if isinstance(example_inputs, dict):
+        raise CaptureError("example_inputs are the model's positional inputs, as a tuple; got a dict. Pass "
+                           "(x,) for model(x); keyword inputs: call gm(pixel_values=x) on the result")
     example_inputs = tuple(example_inputs)
     dynamic_shapes = None
     if dynamic_batch:
@@ -172,6 +219,7 @@ def capture(
 
     tracker = _ModuleTracker(model)
     exported = generic = None
+    out_of_time = False
     try:
         with _eval_mode(model, train), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -183,7 +231,10 @@ def capture(
                     if isinstance(x, torch.Tensor) and x.dim() == 4 else d
                     for x, d in zip(example_inputs, dynamic_shapes))
                 try:
-                    exported = torch.export.export(model, example_inputs, dynamic_shapes=sized)
+                    with _time_limit(size_budget_s):
+                        exported = torch.export.export(model, example_inputs, dynamic_shapes=sized)
+                except _OutOfTime:
+                    exported, out_of_time = None, True
                 except Exception:
                     exported = None  # captured below with static image sizes, or fails there with the reason
             if exported is None:
@@ -191,15 +242,23 @@ def capture(
     except Exception as exc:  # export raises many types; all become one clear error
         where = tracker.deepest[-1] if tracker.deepest else type(model).__name__
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        mismatch = _input_mismatch(model, example_inputs)
+        advice = (f"What to try: {mismatch}" if mismatch else
+                  "What to try: remove data-dependent Python control flow from that module's forward "
+                  "(branches on tensor values, .item(), .tolist()), or pass example_inputs that match "
+                  "what the model expects.")
         raise CaptureError(
             f"torch.export could not capture {type(model).__name__}: it failed inside module {where}: "
-            f"{type(exc).__name__}: {first_line}\n"
-            "What to try: remove data-dependent Python control flow from that module's forward "
-            "(branches on tensor values, .item(), .tolist()), or pass example_inputs that match "
-            "what the model expects."
+            f"{type(exc).__name__}: {first_line}\n{advice}"
         ) from exc
     finally:
         tracker.remove()
+    if out_of_time:
+        warnings.warn(SizeGenericWarning(
+            f"{type(model).__name__}: capturing it for free image sizes took longer than {size_budget_s:g} s "
+            "(torch.export simplifying the model's size arithmetic), so it is captured at the example's size, "
+            f"{tuple(example_inputs[0].shape[2:])}, and other sizes are refused. To wait longer for a size-generic "
+            "graph: tokenopt.capture(model, size_budget_s=...)."), stacklevel=2)
 
     if _has_free_image_size(exported):
         # the graph tokenopt rewrites has fixed token counts: specialise it to the example's size, and keep
@@ -217,6 +276,62 @@ def capture(
         _note_static_batch(gm, type(model).__name__)
     gm.meta["tokenopt.generic"] = generic
     return gm
+
+
+def release_fake_caches(*graphs: Optional[fx.GraphModule]) -> None:
+    """Empty the fake-tensor dispatch caches of the shape environments behind these graphs' ``meta["val"]``.
+
+    torch keeps every ShapeEnv an export made alive for the life of the process (``lru_cache`` on its methods
+    holds ``self``), and with it that cache, which tokenopt's passes fill while they propagate shapes; emptied
+    once a graph is built, repeated ``optimize`` calls grow the process by about what ``torch.export`` alone
+    leaves behind (tests/test_memory.py). The cache only saves recomputing fake shapes."""
+    seen = set()
+    for gm in graphs:
+        if gm is None:
+            continue
+        for n in gm.graph.nodes:
+            val = n.meta.get("val")
+            env = getattr(getattr(val, "fake_mode", None), "shape_env", None)
+            if env is not None and id(env) not in seen:
+                seen.add(id(env))
+                cache = getattr(env, "fake_tensor_cache", None)
+                if isinstance(cache, dict):
+                    cache.clear()
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside ``torch.compile``'s wrapper, ``nn.DataParallel`` or ``DistributedDataParallel``: tokenopt
+    captures the model's own forward (it compiles and parallelises the same way afterwards)."""
+    while True:
+        if type(model).__module__.startswith("torch._dynamo") and isinstance(getattr(model, "_orig_mod", None),
+                                                                            torch.nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+            warnings.warn(f"optimizing the model inside {type(model).__name__}; wrap the result again for data "
+                          "parallelism", stacklevel=4)
+            model = model.module
+        else:
+            return model
+
+
+def _input_mismatch(model: torch.nn.Module, example_inputs: tuple) -> Optional[str]:
+    """What is wrong with the example's image, when it is not what the model is configured for."""
+    try:
+        expected = default_example_inputs(model)[0]
+    except CaptureError:
+        return None
+    x = example_inputs[0] if example_inputs else None
+    if not isinstance(x, torch.Tensor):
+        return f"pass the image batch as the first example input, e.g. (torch.randn(2, {', '.join(map(str, expected.shape[1:]))}),)"
+    if x.dim() != expected.dim() or x.shape[1:] != expected.shape[1:]:
+        patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+        note = f" (its patch size is {tuple(patch)})" if isinstance(patch, (tuple, list)) else ""
+        return (f"the example input is {list(x.shape)}, but the model is configured for images "
+                f"{list(expected.shape[1:])}{note}: pass example_inputs of that size, or build the model for "
+                "the size you need (timm: img_size=..., or dynamic_img_size=True)")
+    if x.dtype != expected.dtype:
+        return f"the example input is {x.dtype} but the model's weights are {expected.dtype}: convert one to the other"
+    return None
 
 
 def _note_static_batch(gm: fx.GraphModule, name: str) -> None:

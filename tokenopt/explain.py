@@ -123,6 +123,11 @@ def explain(gm: fx.GraphModule, block: Optional[int] = None, *, console: Optiona
         >>> "block 0 as captured" in text
         True
     """
+    if not isinstance(gm, fx.GraphModule):
+        raise TypeError(f"tokenopt.explain takes what tokenopt.optimize returned (or a captured graph); got "
+                        f"{type(gm).__name__}. Example: tokenopt.explain(tokenopt.optimize(model, policy='tome'))")
+    if block is not None and (isinstance(block, bool) or not isinstance(block, int)):
+        raise TypeError(f"block must be a block index (an int); got {block!r}")
     if MODEL_INFO not in gm.meta:
         from tokenopt.passes import find_blocks
 
@@ -191,6 +196,23 @@ def explain(gm: fx.GraphModule, block: Optional[int] = None, *, console: Optiona
     return text
 
 
+def _graph_for(gm, inputs: tuple, what: str) -> fx.GraphModule:
+    """The graph that runs ``inputs``: ``gm``, or its graph for another image size (a size-generic model), after
+    the checks ``gm(*inputs)`` makes, so misuse gets the same clear error as a call."""
+    from tokenopt.module import OptimizedModule
+
+    if not isinstance(gm, fx.GraphModule) or MODEL_INFO not in gm.meta:
+        raise TypeError(f"tokenopt.{what} takes what tokenopt.optimize returned; got {type(gm).__name__}")
+    if not inputs:
+        raise TypeError(f"tokenopt.{what}(gm, *inputs): give the inputs to run, e.g. tokenopt.{what}(gm, x)")
+    if isinstance(gm, OptimizedModule):
+        variant = gm.for_size(inputs)
+        if variant is not None:
+            return variant
+        gm.check_inputs(inputs)
+    return gm
+
+
 def token_counts(gm: fx.GraphModule, *inputs) -> dict[int, "torch.Tensor"]:
     """Run ``gm`` on ``inputs`` and return, per block, how many real tokens each image has after it.
 
@@ -207,6 +229,7 @@ def token_counts(gm: fx.GraphModule, *inputs) -> dict[int, "torch.Tensor"]:
     """
     import torch
 
+    gm = _graph_for(gm, inputs, "token_counts")
     info: ModelInfo = gm.meta[MODEL_INFO]
     block_of_out = {b.x_out: b.index for b in info.blocks}
     sources = gm.meta.get("tokenopt.count_nodes", {})  # block -> ("valid" | "cu", node name)
@@ -242,6 +265,7 @@ def gate_usage(gm: fx.GraphModule, *inputs) -> dict[int, dict[str, "torch.Tensor
 
     from tokenopt.passes.patterns import record
 
+    gm = _graph_for(gm, inputs, "gate_usage")
     gates = [d for d in gm.meta.get("tokenopt.decisions", []) if d["kind"] == "gate"]
     wanted = {d[p]: (d["block"], p) for d in gates for p in ("heads", "attn", "mlp") if d.get(p)}
     seen: dict[int, dict[str, torch.Tensor]] = {}

@@ -37,10 +37,28 @@ _STD = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
 
 
 def _read_idx(path: Path) -> torch.Tensor:
-    with gzip.open(path, "rb") as f:
-        data = f.read()
+    """An IDX file of unsigned bytes (the MNIST format: magic ``0 0 8 ndim``, ``ndim`` big-endian sizes, data),
+    checked: a damaged or foreign file is an error naming it, never a tensor of the wrong values."""
+    def bad(why: str) -> ValueError:
+        return ValueError(f"{path} is not a valid Fashion-MNIST IDX file ({why}); reinstall it: "
+                          "apt-get install --reinstall dataset-fashion-mnist")
+
+    try:
+        with gzip.open(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
+        raise bad(f"cannot be decompressed: {exc}") from exc
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08 or not 1 <= data[3] <= 4:
+        raise bad("its header is not that of an IDX file of unsigned bytes")
     ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise bad("its header is cut short")
     dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    size = 1
+    for d in dims:
+        size *= d
+    if len(data) != 4 + 4 * ndim + size:
+        raise bad(f"its header says {dims} ({size} bytes of data) but it holds {len(data) - 4 - 4 * ndim}")
     return torch.frombuffer(bytearray(data[4 + 4 * ndim:]), dtype=torch.uint8).reshape(dims)
 
 
@@ -61,6 +79,9 @@ def load_fashion_mnist(split: str = "test", n: Optional[int] = None, root: Optio
             "(or set TOKENOPT_FASHION_MNIST to a folder with the four IDX .gz files)"
         )
     images, labels = _read_idx(img_file), _read_idx(lbl_file).long()
+    if images.dim() != 3 or labels.dim() != 1 or len(images) != len(labels) or int(labels.max()) > 9:
+        raise ValueError(f"{img_file} and {lbl_file} do not form a Fashion-MNIST split (images {list(images.shape)}, "
+                         f"labels {list(labels.shape)}); reinstall: apt-get install --reinstall dataset-fashion-mnist")
     if n is not None:
         if not 0 < n <= len(labels):
             raise ValueError(f"n must be in 1..{len(labels)} for the {split} split; got {n}")

@@ -171,7 +171,12 @@ def dinov2_small(cache_dir: Optional[os.PathLike] = None) -> torch.nn.Module:
     sd = _read_cache(file)
     if sd is None:
         sd = _convert(onnx_path)
-        _write_cache(file, sd)
+        try:
+            _write_cache(file, sd)
+        except OSError as exc:  # the weights are right either way; only the cache is lost
+            warnings.warn(f"could not cache the converted DINOv2 weights in {cache} ({exc.strerror or exc}); they "
+                          "are converted again on every call. Pass cache_dir= a writable folder (or set "
+                          "XDG_CACHE_HOME)", stacklevel=2)
     model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=_SIZE, num_classes=0)
     model.load_state_dict(sd, strict=True)
     return model.eval()

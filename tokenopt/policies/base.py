@@ -134,10 +134,12 @@ class PlanDecisions:
         n = len(info.blocks)
         cfg = self.config
         chosen = getattr(cfg, "blocks", None)
-        chosen = list(cfg.default_blocks(n)) if chosen is None else [b if b >= 0 else n + b for b in chosen]
-        bad = [b for b in chosen if not 0 <= b < n]
+        given = list(cfg.default_blocks(n)) if chosen is None else list(chosen)
+        bad = [b for b in given if not -n <= b < n]  # (as the user wrote them: -1 is the last block)
         if bad:
-            raise RewriteError(f"{cfg.name}: blocks {bad} do not exist; the model has blocks 0..{n - 1}")
+            raise RewriteError(f"{cfg.name}: blocks {bad} do not exist; the model has blocks 0..{n - 1} "
+                               f"(or -{n}..-1 counted from the end)")
+        chosen = [b if b >= 0 else n + b for b in given]
         plan = gm.meta.setdefault(META_PLAN, [])
         for b, site, decide in cfg.plan(n, chosen):
             if site not in SITES:
