@@ -41,8 +41,8 @@ def _per_call(what: str, depth: int, calls: int) -> float:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads the resident size from /proc")
-def test_twenty_optimize_calls_grow_the_process_by_what_export_leaks():
+def test_repeated_optimize_calls_grow_the_process_by_what_export_leaks():
     """(ToMe on DeiT-Tiny grew the process by about 4.7 MB a call; torch.export's own share was 1.4)"""
-    export = _per_call("export", 6, 20)
-    mine = _per_call("tome", 6, 20)
+    export = _per_call("export", 3, 14)
+    mine = _per_call("tome", 3, 14)
     assert mine < export + 1.0, (mine, export)
