@@ -7,7 +7,7 @@ their ATen decompositions (which inductor can fuse with the neighbouring ops)? B
 "call": a plain ``torch.compile(gm)`` (what a user writes; tokenopt writes nothing into torch's global tables,
 so inductor calls each op). "decomposed": the same graph compiled with inductor's table plus
 ``tokenopt.kernels.ops.decompositions(export=False)`` passed explicitly to ``compile_fx``. Prints each time and
-the ratio call/decomposed (above 1: decomposing is faster); medians over ``--rounds``, the order alternating.
+the ratio call/decomposed (above 1: decomposing is faster); medians over ``--rounds``, the order rotated.
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import statistics
-import time
 
 import torch
 
@@ -33,6 +31,8 @@ POLICIES = {
 def main(argv=None) -> int:
     from torch._inductor.compile_fx import compile_fx
     from torch._inductor.decomposition import select_decomp_table
+
+    from bench_machinery import time_interleaved  # (this folder: on sys.path when run as a script)
 
     from tokenopt.kernels.ops import decompositions
 
@@ -56,20 +56,7 @@ def main(argv=None) -> int:
             gm = tokenopt.optimize(model, example_inputs=(x[:2],), **POLICIES[name])
             torch._dynamo.reset()
             fns = {"call": torch.compile(gm), "decomposed": torch.compile(gm, backend=backend)}
-            times = {k: [] for k in fns}
-            with torch.inference_mode():
-                for f in fns.values():
-                    f(x), f(x)
-                for r in range(args.rounds):
-                    for k in (list(fns) if r % 2 else list(fns)[::-1]):
-                        if args.device == "cuda":
-                            torch.cuda.synchronize()
-                        start = time.perf_counter()
-                        fns[k](x)
-                        if args.device == "cuda":
-                            torch.cuda.synchronize()
-                        times[k].append(time.perf_counter() - start)
-            med = {k: statistics.median(v) for k, v in times.items()}
+            med = time_interleaved(fns, x, args.rounds, args.device)
             results[f"{name} b{batch}"] = {**{k: v * 1e3 for k, v in med.items()},
                                            "call/decomposed": med["call"] / med["decomposed"]}
             print(f"{name:<11} batch {batch:>4}: call {med['call'] * 1e3:8.1f} ms, decomposed "

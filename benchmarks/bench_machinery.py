@@ -38,7 +38,9 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _time(fns: dict, x, rounds: int, device: str) -> dict:
+def time_interleaved(fns: dict, x, rounds: int, device: str) -> dict:
+    """Median seconds per call of each of ``fns`` on ``x``: one warm-up call each (compilation included), then
+    ``rounds`` rounds with the order rotated every round."""
     times = {k: [] for k in fns}
     names = list(fns)
     with torch.inference_mode():
@@ -76,13 +78,13 @@ def main(argv=None) -> int:
     for batch in args.batch:
         x = torch.randn(batch, 3, 224, 224, device=args.device, dtype=dtype)
         base = count_dispatch(model, x)
-        eager = _time({"original": model, **graphs}, x, args.rounds, args.device)
+        eager = time_interleaved({"original": model, **graphs}, x, args.rounds, args.device)
         compiled = {}
         if not args.no_compile:
             torch._dynamo.reset()
             fns = {"original": torch.compile(model)}
             fns.update({k: torch.compile(g, fullgraph=True) for k, g in graphs.items()})
-            compiled = _time(fns, x, args.rounds, args.device)
+            compiled = time_interleaved(fns, x, args.rounds, args.device)
         print(f"\n{args.model}, batch {batch}, {args.dtype}, {args.device}, {torch.get_num_threads()} threads, "
               f"{args.rounds} rounds (medians)")
         print(f"{'policy':<12} {'ops/fwd':>8} {'ops ratio':>9} {'syncs/fwd':>9} {'eager x':>8} {'compiled x':>10}")
