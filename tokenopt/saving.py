@@ -319,9 +319,13 @@ def check_destination(path: str, what: str = "the file") -> str:
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"cannot write {what} to {path}: the folder {directory} does not exist; create it first")
-    if not os.access(directory, os.W_OK) or directory == "/proc" or directory.startswith("/proc/"):
-        raise PermissionError(f"cannot write {what} to {path}: the folder {directory} is not writable; "
-                              "choose another folder")
+    try:  # (a probe, not os.access: root passes that check on read-only mounts and on /proc)
+        fd, probe = tempfile.mkstemp(prefix=".tokenopt-write-test-", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise PermissionError(f"cannot write {what} to {path}: the folder {directory} is not writable "
+                              f"({exc.strerror}); choose another folder") from exc
     return directory
 
 
@@ -363,7 +367,7 @@ def _part(rel: str) -> str:
     return f"{what} ({rel})"
 
 
-def _read_doc(path: str, data: bytes) -> tuple[dict, dict]:
+def _read_doc(path: str, data: bytes) -> dict:
     """``tokenopt.json`` of the archive in ``data``, after checking the archive: a complete zip, a known format,
     and every payload's content hash as saved. Raises :class:`LoadError` naming the damaged part."""
     damaged = (f"{path} is damaged: {{}}. The file changed after tokenopt.save wrote it (a partial copy or "
@@ -401,7 +405,7 @@ def _read_doc(path: str, data: bytes) -> tuple[dict, dict]:
         if doc["format"] < 2:
             warnings.warn(f"{path} was written before archives carried content hashes: it loads unverified; save "
                           "it again to have it checked on every load", stacklevel=3)
-            return doc, {}
+            return doc
         stamp = names[0] + ".sha256"
         if stamp not in z.namelist() or z.read(stamp).decode(errors="replace") != hashlib.sha256(text).hexdigest():
             raise LoadError(damaged.format(f"its metadata ({_META_FILE}) does not match its content hash"))
@@ -417,7 +421,7 @@ def _read_doc(path: str, data: bytes) -> tuple[dict, dict]:
                 raise LoadError(damaged.format(f"{_part(rel)} does not match its checksum ({exc})")) from exc
             if got != want:
                 raise LoadError(damaged.format(f"{_part(rel)} does not match its content hash"))
-    return doc, hashes
+    return doc
 
 
 def load(path: str | os.PathLike):
@@ -442,7 +446,7 @@ def load_bytes(data: bytes, path: str = "the archive"):
     from tokenopt.module import OptimizedModule
     from torch.export.pt2_archive._package import load_pt2
 
-    doc, hashes = _read_doc(path, data)
+    doc = _read_doc(path, data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
