@@ -116,7 +116,7 @@ def optimize(
         min_batch = measure_min_batch(out, out.meta["tokenopt.example_inputs"])
     out.min_batch = min_batch
     out.meta["tokenopt.min_batch"] = min_batch
-    release_fake_caches(out, original, generic)
+    release_fake_caches(generic)  # (the reduced and original graphs: in _build)
     return out
 
 
@@ -146,6 +146,7 @@ def _build(gm: fx.GraphModule, config: PolicyConfig, build: dict, policy_state: 
     gm.meta["tokenopt.policy"] = config
     gm.meta["tokenopt.pass_records"] = pipeline.records
     gm.meta["tokenopt.build"] = dict(build)
+    release_fake_caches(gm, original)  # every build: optimize, a new image size, calibration, training
     return gm, original
 
 

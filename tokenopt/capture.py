@@ -57,15 +57,18 @@ def _time_limit(seconds: float):
     def expire(signum, frame):
         raise _OutOfTime()
 
+    import time
+
     previous = signal.signal(signal.SIGALRM, expire)
     old_timer = signal.setitimer(signal.ITIMER_REAL, seconds)
+    start = time.monotonic()
     try:
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
         if old_timer[0]:  # (someone else's timer was running: give it back what is left of it)
-            signal.setitimer(signal.ITIMER_REAL, max(old_timer[0] - seconds, 1e-3))
+            signal.setitimer(signal.ITIMER_REAL, max(old_timer[0] - (time.monotonic() - start), 1e-3))
 
 
 def default_example_inputs(model: torch.nn.Module, batch: int = 2) -> tuple[torch.Tensor, ...]:
