@@ -44,22 +44,6 @@ PassFn = Callable[[fx.GraphModule], Optional[PassResult]]
 _REGISTRY: dict[str, PassFn] = {}
 
 
-def forget_code(gm: fx.GraphModule) -> None:
-    """Drop ``gm``'s current generated code from torch.fx's source cache. torch.fx keeps the source of every
-    ``recompile`` (for tracebacks) for the life of the process; a pipeline recompiles after each pass, so
-    without this every ``optimize`` call would leave a few copies of the whole model's code behind."""
-    import linecache
-
-    from torch.fx import graph_module
-
-    forward = type(gm).__dict__.get("forward")
-    key = getattr(getattr(forward, "__code__", None), "co_filename", None)
-    loader = getattr(graph_module, "_loader", None)
-    if key and key.startswith("<eval_with_key>") and loader is not None:
-        loader.eval_cache.pop(key, None)
-        linecache.cache.pop(key, None)
-
-
 class PassError(RuntimeError):
     """A pass failed; the message names it, the passes that ran before it and the node involved."""
 
@@ -151,8 +135,7 @@ class Pipeline:
                     prov.setdefault("policy", self.policy)
                 gm.graph.lint()
                 modified = result.modified if result is not None else True
-                if modified or after != before:
-                    forget_code(gm)  # the code this recompile replaces: nothing runs it again
+                if modified or after != before:  # (a pass that changed nothing keeps the code it had)
                     gm.recompile()
             except PassError:
                 raise
